@@ -1,1 +1,24 @@
+"""`qwen3-convert`: a Hugging Face Qwen3 checkpoint in, a qwen3pack directory out.
 
+Reads config.json and the safetensors headers, plans every rank file, then streams the weights.
+"""
+from .hf_config import ConfigError
+from .plan import DTYPE_CHOICES, describe, make_plan
+from .source import SourceError, resolve
+from .write import ConversionError, commit_atomically, write_directory
+
+
+def convert(source, output, tp=1, dtype="auto", force=False):
+    """Converts `source` (a local directory or a hub id) into `output`; returns the Plan."""
+    if dtype not in DTYPE_CHOICES:
+        raise ConversionError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    source_dir = resolve(str(source))
+    plan = make_plan(source_dir, tp, dtype)
+    options = {"tp": tp, "dtype": dtype}
+    commit_atomically(output, force, lambda staging: write_directory(plan, staging, options))
+    return plan
+
+
+def dry_run(source, tp=1, dtype="auto", context=4096):
+    """The plan's report, without writing anything."""
+    return describe(make_plan(resolve(str(source)), tp, dtype), context)

@@ -1,2 +1,10 @@
-"""qwen3pack: Qwen3 checkpoints packed per tensor-parallel rank, run by a lean C++ runtime."""
+"""qwen3pack: Qwen3 checkpoints packed per tensor-parallel rank, run by a lean C++ runtime.
+
+    qwen3pack.convert.convert(source, output, tp=2)   # or the qwen3-convert command
+    qwen3pack.validate(directory)                     # a Report: .ok, .problems
+    qwen3pack.formats.open(directory)                 # manifest and memory-mapped tensors
+"""
 __version__ = "0.1.0"
+
+from . import formats  # noqa: E402
+from .formats import validate  # noqa: E402

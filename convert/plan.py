@@ -1,0 +1,137 @@
+"""The conversion plan: every rank file's header, offsets and size, made from config.json and the
+safetensors headers alone, before a byte of weights is read."""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..formats.dtypes import element_size
+from ..formats.layout import global_tensors, make_layout, rank_tensors
+from ..formats.rankfile import crc_hex, plan_offsets
+from .hf_config import generation_hints, normalize_config
+from .source import SourceError, read_tensors
+
+DTYPE_CHOICES = ("auto", "bf16", "f16", "f32")
+KV_CACHE_DTYPE = "f32"  # the runtime keeps keys and values in f32
+
+
+@dataclass
+class RankPlan:
+    header: dict
+    data_offset: int
+    file_size: int
+
+
+@dataclass
+class Plan:
+    source_dir: Path
+    raw_config: dict
+    model: dict
+    layout: dict
+    generation: dict
+    sources: dict       # HF name -> SourceTensor, only those converted
+    ignored: list       # HF names in the checkpoint that the model does not use
+    ranks: list         # RankPlan per rank
+
+    @property
+    def tensor_count(self):
+        return sum(len(r.header["tensors"]) for r in self.ranks)
+
+
+def _weights_dtype(requested, sources):
+    if requested != "auto":
+        return requested
+    return sources["model.embed_tokens.weight"].dtype
+
+
+def _check_sources(model, layout, sources):
+    """The checkpoint must hold every tensor that the config implies, with the implied shape."""
+    for name, spec in global_tensors(model, layout).items():
+        if name not in sources:
+            raise SourceError(f"tensor {name} is missing from the checkpoint")
+        if list(sources[name].shape) != spec["shape"]:
+            raise SourceError(f"{sources[name].file.name}: tensor {name} has shape {list(sources[name].shape)}, "
+                              f"config.json implies {spec['shape']}")
+
+
+def _generation(raw_config, source_dir):
+    hints = generation_hints(raw_config)
+    path = source_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    eos = config.get("eos_token_id", hints["eos_token_ids"])
+    defaults = {"temperature": 0.0}
+    if config.get("do_sample"):
+        defaults = {key: config[key] for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+                    if config.get(key) is not None}
+        defaults.setdefault("temperature", 1.0)
+    return {
+        "bos_token_id": config.get("bos_token_id", hints["bos_token_id"]),
+        "eos_token_ids": eos if isinstance(eos, list) else ([] if eos is None else [eos]),
+        "pad_token_id": config.get("pad_token_id", hints["pad_token_id"]),
+        "defaults": defaults,
+    }
+
+
+def _rank_plan(model, layout, rank):
+    records = rank_tensors(model, layout, rank)
+    for record in records:
+        record["offset"] = 0
+        record["nbytes"] = math.prod(record["shape"]) * element_size(record["dtype"])
+        record["crc32c"] = crc_hex(0)
+        # key order as SPEC.md lists them
+        record["parts"] = record.pop("parts")
+    header = {"model": model, "layout": layout, "tensors": records}
+    data_offset, file_size = plan_offsets(header)
+    return RankPlan(header, data_offset, file_size)
+
+
+def make_plan(source_dir, tp, dtype="auto"):
+    config_path = source_dir / "config.json"
+    if not config_path.exists():
+        raise SourceError(f"{source_dir}: no config.json")
+    raw_config = json.loads(config_path.read_text())
+    model = normalize_config(raw_config, source=str(config_path))
+    all_sources = read_tensors(source_dir)
+    layout = make_layout(model, tp, _weights_dtype(dtype, all_sources))
+    _check_sources(model, layout, all_sources)
+    used = global_tensors(model, layout)
+    sources = {name: all_sources[name] for name in used}
+    ignored = sorted(set(all_sources) - set(used))
+    ranks = [_rank_plan(model, layout, rank) for rank in range(tp)]
+    return Plan(source_dir, raw_config, model, layout, _generation(raw_config, source_dir),
+                sources, ignored, ranks)
+
+
+def kv_cache_bytes_per_rank(model, layout, context):
+    """Keys and values of one sequence of `context` tokens on one rank; sliding layers keep only
+    their window."""
+    per_token = 2 * layout["kv_heads_per_rank"] * model["head_dim"] * element_size(KV_CACHE_DTYPE)
+    total = 0
+    for layer_type in model["layer_types"]:
+        window = model["sliding_window"] if layer_type == "sliding_attention" else context
+        total += min(window, context) * per_token
+    return total
+
+
+def describe(plan, context):
+    """The --dry-run report."""
+    model, layout = plan.model, plan.layout
+    gib = 1 << 30
+    lines = [
+        f"source      {plan.source_dir}",
+        f"model       qwen3, {model['num_hidden_layers']} layers, hidden {model['hidden_size']}, "
+        f"heads {model['num_attention_heads']}/{model['num_key_value_heads']} kv, head_dim {model['head_dim']}, "
+        f"vocab {model['vocab_size']} (padded {layout['padded_vocab_size']})",
+        f"layout      tp={layout['world_size']}, weights {layout['dtype']}, norms f32, "
+        f"{layout['heads_per_rank']} q heads and {layout['kv_heads_per_rank']} kv heads per rank"
+        + (f" (each kv head on {layout['kv_head_replicas']} ranks)" if layout["kv_head_replicas"] > 1 else ""),
+        f"tensors     {plan.tensor_count} in {len(plan.ranks)} rank files, from {len(plan.sources)} source tensors",
+    ]
+    kv = kv_cache_bytes_per_rank(model, layout, context)
+    for rank, rank_plan in enumerate(plan.ranks):
+        weights = sum(r["nbytes"] for r in rank_plan.header["tensors"])
+        lines.append(f"rank {rank:<6} file {rank_plan.file_size / gib:8.3f} GiB   weights {weights / gib:8.3f} GiB   "
+                     f"KV cache at {context} tokens {kv / gib:8.3f} GiB")
+    if plan.ignored:
+        lines.append(f"ignored     {', '.join(plan.ignored)}")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Streaming the planned tensors into the rank files, with bounded memory, into a temporary
+directory that replaces OUTPUT only when everything is written."""
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, _core
+from ..formats.dtypes import DtypeOverflow, convert, element_size, storage_dtype
+from ..formats.rankfile import VERSION, RankFileWriter, crc_hex, rank_file_name
+from ..formats.reader import MANIFEST
+from .. import schema
+from .source import COPIED_FILES, SourceError, read_bytes_into, source_files
+
+CHUNK_BYTES = 32 << 20  # source bytes read at a time: the converter's memory bound
+HASH_CHUNK = 8 << 20
+
+
+class ConversionError(ValueError):
+    pass
+
+
+@dataclass
+class Destination:
+    """One part of one rank file's tensor that a source tensor fills, and that tensor's running CRC."""
+    writer: RankFileWriter
+    record: dict
+    part: dict
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(memoryview(buffer)[:n])
+    return digest.hexdigest()
+
+
+class Progress:
+    """One line on stderr, rewritten in place, when stderr is a terminal."""
+
+    def __init__(self, total):
+        self.total, self.done, self.started, self.shown = total, 0, time.perf_counter(), 0.0
+        self.enabled = sys.stderr.isatty()
+
+    def advance(self, nbytes):
+        self.done += nbytes
+        now = time.perf_counter()
+        if self.enabled and (now - self.shown > 0.2 or self.done == self.total):
+            self.shown = now
+            rate = self.done / max(now - self.started, 1e-9)
+            sys.stderr.write(f"\rconverting {100 * self.done / max(self.total, 1):5.1f}%  "
+                             f"{self.done / 1e9:7.2f} / {self.total / 1e9:.2f} GB  {rate / 1e6:7.0f} MB/s")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _destinations(writers):
+    """{source name: [Destination]} over every rank, in the order the parts are laid out."""
+    out = {}
+    for writer in writers:
+        for record in writer.header["tensors"]:
+            record["_crc"] = 0
+            for part in record["parts"]:
+                out.setdefault(part["source"], []).append(Destination(writer, record, part))
+    return out
+
+
+def _write_rows(dest, rows, first_row, dtype):
+    """Writes source rows [first_row, first_row + len(rows)) where `dest` takes them."""
+    record, part = dest.record, dest.part
+    axis = part["axis"]
+    if axis == 1:  # a column slice of every row: dest row i is source row i
+        block = np.ascontiguousarray(rows[:, part["start"]:part["end"]])
+        dest_row = first_row
+    else:          # a row slice (axis 0), or the whole tensor (replicated)
+        lo = max(first_row, part["start"])
+        hi = min(first_row + len(rows), part["end"])
+        if lo >= hi:
+            return
+        block = rows[lo - first_row:hi - first_row]
+        dest_row = part["at"] + lo - part["start"]
+    row_bytes = element_size(dtype) * (record["shape"][1] if len(record["shape"]) == 2 else record["shape"][0])
+    dest.writer.write(record["offset"] + dest_row * row_bytes, block)
+    record["_crc"] = _core.crc32c(block, record["_crc"])
+
+
+def _write_padding(dest):
+    record, part = dest.record, dest.part
+    row_bytes = element_size(record["dtype"]) * record["shape"][1]
+    zeros = bytes(row_bytes * (part["end"] - part["start"]))  # the file already reads as zeros here
+    record["_crc"] = _core.crc32c(zeros, record["_crc"])
+
+
+def _stream_tensor(source, dests, buffer, progress):
+    """Reads one source tensor in chunks of rows, converts each chunk once per destination dtype,
+    and writes it to every rank that holds a part of it."""
+    rows_total = source.shape[0] if len(source.shape) == 2 else 1
+    row_bytes = source.nbytes // rows_total
+    rows_per_chunk = max(1, len(buffer) // row_bytes)
+    fd = os.open(source.file, os.O_RDONLY)
+    try:
+        for first in range(0, rows_total, rows_per_chunk):
+            count = min(rows_per_chunk, rows_total - first)
+            chunk = memoryview(buffer)[:count * row_bytes]
+            read_bytes_into(fd, chunk, source.offset + first * row_bytes)
+            raw = np.frombuffer(chunk, dtype=storage_dtype(source.dtype)).reshape(count, -1)
+            converted = {}
+            for dest in dests:
+                dtype = dest.record["dtype"]
+                if dtype not in converted:
+                    try:
+                        converted[dtype] = convert(raw, source.dtype, dtype)
+                    except DtypeOverflow as error:
+                        raise ConversionError(f"tensor {source.name}: {error}; convert with --dtype bf16 "
+                                              f"or f32") from None
+                rows = converted[dtype] if len(source.shape) == 2 else converted[dtype].reshape(-1)[None]
+                _write_rows(dest, rows, first, dtype)
+            progress.advance(count * row_bytes)
+    finally:
+        os.close(fd)
+
+
+def _stream_all(plan, writers):
+    destinations = _destinations(writers)
+    buffer = bytearray(CHUNK_BYTES)
+    progress = Progress(sum(s.nbytes for s in plan.sources.values()))
+    for name, source in plan.sources.items():
+        _stream_tensor(source, destinations[name], buffer, progress)
+    for dest in destinations.get(None, []):  # vocabulary padding: zeros, checksummed
+        _write_padding(dest)
+    for writer in writers:
+        for record in writer.header["tensors"]:
+            record["crc32c"] = crc_hex(record.pop("_crc"))
+
+
+def _conversion_id(options, provenance_sources):
+    identity = json.dumps({"format": VERSION, "options": options, "sources": provenance_sources},
+                          sort_keys=True).encode()
+    return hashlib.sha256(identity).digest()[:16]
+
+
+def _manifest(plan, conversion_id, rank_entries, options, provenance_sources):
+    return {
+        "format": "qwen3pack",
+        "format_version": list(VERSION),
+        "conversion_id": conversion_id.hex(),
+        "model": plan.model,
+        "layout": plan.layout,
+        "rank_files": rank_entries,
+        "tensors": {name: {"shape": list(s.shape), "dtype": _stored_dtype(plan, name)}
+                    for name, s in plan.sources.items()},
+        "generation": plan.generation,
+        "provenance": {"converter": f"qwen3pack {__version__}", "options": options,
+                       "sources": provenance_sources},
+    }
+
+
+def _stored_dtype(plan, name):
+    for record in plan.ranks[0].header["tensors"]:
+        if any(part["source"] == name for part in record["parts"]):
+            return record["dtype"]
+    raise AssertionError(name)
+
+
+def write_directory(plan, staging, options):
+    """Writes the whole converted model into `staging` (an empty directory)."""
+    tp = plan.layout["world_size"]
+    files = source_files(plan.source_dir)
+    with ThreadPoolExecutor(max_workers=1) as hasher:  # hashing overlaps the conversion
+        hashes = [hasher.submit(sha256_of, path) for path in files]
+        writers = []
+        try:
+            for rank, rank_plan in enumerate(plan.ranks):
+                writers.append(RankFileWriter(staging / rank_file_name(rank, tp), rank, tp, rank_plan.header,
+                                              rank_plan.data_offset, rank_plan.file_size))
+            _stream_all(plan, writers)
+            provenance_sources = [{"file": path.name, "sha256": h.result(), "size": path.stat().st_size}
+                                  for path, h in zip(files, hashes)]
+            conversion_id = _conversion_id(options, provenance_sources)
+            rank_entries = []
+            for rank, writer in enumerate(writers):
+                header_crc = writer.finish(conversion_id)
+                rank_entries.append({"rank": rank, "file": writer.path.name, "size": writer.file_size,
+                                     "header_crc32c": crc_hex(header_crc)})
+        finally:
+            for writer in writers:
+                writer.close()
+            for h in hashes:
+                h.cancel()
+    manifest = _manifest(plan, conversion_id, rank_entries, options, provenance_sources)
+    schema.validate(manifest, "manifest", MANIFEST)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    for name in COPIED_FILES:
+        if (plan.source_dir / name).exists():
+            shutil.copyfile(plan.source_dir / name, staging / name)
+
+
+def commit_atomically(output, force, fill):
+    """Runs fill(staging) on a temporary directory beside `output`, then renames it into place.
+    On any error or interrupt nothing is left at `output` (an existing one stays untouched)."""
+    output = Path(output)
+    if output.exists() and not force:
+        raise ConversionError(f"{output}: already exists (use --force to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        fill(staging)
+        if output.exists():
+            retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
+            os.rename(output, retired)
+            os.rename(staging, output)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

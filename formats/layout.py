@@ -1,0 +1,159 @@
+"""Which tensors each rank file holds, with what shape and from which slices of the Hugging Face
+tensors: the per-rank layout of SPEC.md, written down once for the converter (to plan) and the
+reader (to check)."""
+
+NORM_DTYPE = "f32"
+
+
+def _part(source, axis, start, end, at, replicas):
+    return {"source": source, "axis": axis, "start": start, "end": end, "at": at, "replicas": replicas}
+
+
+def _replicated(source, length, world_size):
+    return [_part(source, None, 0, length, 0, world_size)]
+
+
+def _rows_of_rank(rank, rows_per_rank):
+    return rank * rows_per_rank, (rank + 1) * rows_per_rank
+
+
+def kv_heads_of_rank(layout, rank):
+    """The first KV head that `rank` holds, and how many ranks hold it."""
+    replicas = layout["kv_head_replicas"]
+    if replicas > 1:
+        return rank // replicas, replicas
+    return rank * layout["kv_heads_per_rank"], 1
+
+
+def _vocab_parts(source, model, layout, rank):
+    rows = layout["vocab_rows_per_rank"]
+    start, end = _rows_of_rank(rank, rows)
+    real_end = min(end, model["vocab_size"])
+    parts = []
+    if real_end > start:
+        parts.append(_part(source, 0, start, real_end, 0, 1))
+    pad_start = max(start, model["vocab_size"])
+    if end > pad_start:
+        parts.append(_part(None, 0, pad_start, end, pad_start - start, 1))
+    return parts
+
+
+def _attention_parts(prefix, model, layout, rank):
+    d = model["head_dim"]
+    q_rows = layout["heads_per_rank"] * d
+    kv_rows = layout["kv_heads_per_rank"] * d
+    first_kv_head, replicas = kv_heads_of_rank(layout, rank)
+    kv_start = first_kv_head * d
+    q_start, q_end = _rows_of_rank(rank, q_rows)
+    return [
+        _part(f"{prefix}.q_proj.weight", 0, q_start, q_end, 0, 1),
+        _part(f"{prefix}.k_proj.weight", 0, kv_start, kv_start + kv_rows, q_rows, replicas),
+        _part(f"{prefix}.v_proj.weight", 0, kv_start, kv_start + kv_rows, q_rows + kv_rows, replicas),
+    ]
+
+
+def rank_tensors(model, layout, rank):
+    """The tensor records of one rank file, in file order, without offsets and checksums:
+    [{"name", "dtype", "shape", "parts"}]."""
+    h, d, w = model["hidden_size"], model["head_dim"], layout["world_size"]
+    weights = layout["dtype"]
+    q_rows = layout["heads_per_rank"] * d
+    kv_rows = layout["kv_heads_per_rank"] * d
+    inter = layout["intermediate_per_rank"]
+    vocab_rows = layout["vocab_rows_per_rank"]
+
+    def tensor(name, dtype, shape, parts):
+        return {"name": name, "dtype": dtype, "shape": list(shape), "parts": parts}
+
+    def norm(name, length):
+        return tensor(name, NORM_DTYPE, [length], _replicated(name, length, w))
+
+    out = [tensor("model.embed_tokens.weight", weights, [vocab_rows, h],
+                  _vocab_parts("model.embed_tokens.weight", model, layout, rank))]
+    if not model["tie_word_embeddings"]:
+        out.append(tensor("lm_head.weight", weights, [vocab_rows, h],
+                          _vocab_parts("lm_head.weight", model, layout, rank)))
+    out.append(norm("model.norm.weight", h))
+    q_start, q_end = _rows_of_rank(rank, q_rows)
+    i_start, i_end = _rows_of_rank(rank, inter)
+    for i in range(model["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        attn, mlp = f"{layer}.self_attn", f"{layer}.mlp"
+        out += [
+            norm(f"{layer}.input_layernorm.weight", h),
+            tensor(f"{attn}.qkv_proj.weight", weights, [q_rows + 2 * kv_rows, h],
+                   _attention_parts(attn, model, layout, rank)),
+            norm(f"{attn}.q_norm.weight", d),
+            norm(f"{attn}.k_norm.weight", d),
+            tensor(f"{attn}.o_proj.weight", weights, [h, q_rows],
+                   [_part(f"{attn}.o_proj.weight", 1, q_start, q_end, 0, 1)]),
+            norm(f"{layer}.post_attention_layernorm.weight", h),
+            tensor(f"{mlp}.gate_up_proj.weight", weights, [2 * inter, h],
+                   [_part(f"{mlp}.gate_proj.weight", 0, i_start, i_end, 0, 1),
+                    _part(f"{mlp}.up_proj.weight", 0, i_start, i_end, inter, 1)]),
+            tensor(f"{mlp}.down_proj.weight", weights, [h, inter],
+                   [_part(f"{mlp}.down_proj.weight", 1, i_start, i_end, 0, 1)]),
+        ]
+    return out
+
+
+def global_tensors(model, layout):
+    """The Hugging Face tensors that the rank files hold between them: {name: {"shape", "dtype"}}."""
+    h, d, inter = model["hidden_size"], model["head_dim"], model["intermediate_size"]
+    weights = layout["dtype"]
+    out = {"model.embed_tokens.weight": {"shape": [model["vocab_size"], h], "dtype": weights}}
+    if not model["tie_word_embeddings"]:
+        out["lm_head.weight"] = {"shape": [model["vocab_size"], h], "dtype": weights}
+    out["model.norm.weight"] = {"shape": [h], "dtype": NORM_DTYPE}
+    q_rows = model["num_attention_heads"] * d
+    kv_rows = model["num_key_value_heads"] * d
+    for i in range(model["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        shapes = {
+            "input_layernorm.weight": ([h], NORM_DTYPE),
+            "self_attn.q_proj.weight": ([q_rows, h], weights),
+            "self_attn.k_proj.weight": ([kv_rows, h], weights),
+            "self_attn.v_proj.weight": ([kv_rows, h], weights),
+            "self_attn.q_norm.weight": ([d], NORM_DTYPE),
+            "self_attn.k_norm.weight": ([d], NORM_DTYPE),
+            "self_attn.o_proj.weight": ([h, q_rows], weights),
+            "post_attention_layernorm.weight": ([h], NORM_DTYPE),
+            "mlp.gate_proj.weight": ([inter, h], weights),
+            "mlp.up_proj.weight": ([inter, h], weights),
+            "mlp.down_proj.weight": ([h, inter], weights),
+        }
+        for suffix, (shape, dtype) in shapes.items():
+            out[f"{layer}.{suffix}"] = {"shape": shape, "dtype": dtype}
+    return out
+
+
+class LayoutError(ValueError):
+    """A tensor-parallel world size that the model's dimensions cannot be split by."""
+
+
+def make_layout(model, world_size, dtype):
+    """The layout object of SPEC.md for `model` split over `world_size` ranks."""
+    heads, kv_heads = model["num_attention_heads"], model["num_key_value_heads"]
+    if world_size < 1:
+        raise LayoutError(f"tp must be at least 1, got {world_size}")
+    if heads % world_size:
+        raise LayoutError(f"num_attention_heads ({heads}) is not divisible by tp ({world_size})")
+    if world_size > kv_heads and world_size % kv_heads:
+        raise LayoutError(f"tp ({world_size}) exceeds num_key_value_heads ({kv_heads}) and is not "
+                          f"a multiple of it, so KV heads cannot be replicated evenly")
+    if world_size <= kv_heads and kv_heads % world_size:
+        raise LayoutError(f"num_key_value_heads ({kv_heads}) is not divisible by tp ({world_size})")
+    if model["intermediate_size"] % world_size:
+        raise LayoutError(f"intermediate_size ({model['intermediate_size']}) is not divisible by "
+                          f"tp ({world_size})")
+    padded_vocab = -(-model["vocab_size"] // world_size) * world_size
+    return {
+        "world_size": world_size,
+        "dtype": dtype,
+        "padded_vocab_size": padded_vocab,
+        "heads_per_rank": heads // world_size,
+        "kv_heads_per_rank": max(1, kv_heads // world_size),
+        "kv_head_replicas": max(1, world_size // kv_heads),
+        "intermediate_per_rank": model["intermediate_size"] // world_size,
+        "vocab_rows_per_rank": padded_vocab // world_size,
+    }

@@ -1,0 +1,296 @@
+"""Reading a converted model directory: every number from a file is checked before it is used.
+
+Checks are generators of problem sentences, so that `open` can stop at the first one and
+`validate` can list them all.
+"""
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import _core, schema
+from .dtypes import element_size, storage_dtype
+from .layout import LayoutError, global_tensors, make_layout, rank_tensors
+from .rankfile import (DATA_ALIGNMENT, MAGIC, PREFIX, TENSOR_ALIGNMENT, VERSION, FormatError,
+                       Prefix, crc_hex, rank_file_name)
+
+MANIFEST = "manifest.json"
+CHECKSUM_CHUNK = 16 << 20
+
+
+@dataclass
+class RankFile:
+    path: Path
+    prefix: Prefix
+    header: dict
+    tensors: dict = field(default_factory=dict)  # name -> record
+    _mmap: object = None
+
+    rank = property(lambda self: self.prefix.rank)
+    world_size = property(lambda self: self.prefix.world_size)
+    conversion_id = property(lambda self: self.prefix.conversion_id)
+    data_offset = property(lambda self: self.prefix.data_offset)
+    file_size = property(lambda self: self.prefix.file_size)
+
+    def array(self, name):
+        """A read-only memory-mapped view of one tensor (bf16 as its uint16 bits)."""
+        record = self.tensors[name]
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._mmap[record["offset"]:record["offset"] + record["nbytes"]]
+        return raw.view(storage_dtype(record["dtype"])).reshape(record["shape"])
+
+
+@dataclass
+class ConvertedModel:
+    path: Path
+    manifest: dict
+    ranks: list
+
+    model = property(lambda self: self.manifest["model"])
+    layout = property(lambda self: self.manifest["layout"])
+    generation = property(lambda self: self.manifest["generation"])
+
+
+def _first(problems):
+    for problem in problems:
+        raise FormatError(problem)
+
+
+def _read_json(path, schema_name, what):
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{what}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{what}: not readable JSON: {error}") from None
+    try:
+        schema.validate(document, schema_name, what)
+    except schema.SchemaError as error:
+        raise FormatError(str(error)) from None
+    return document
+
+
+def read_manifest(directory):
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FormatError(f"{directory}: not a directory")
+    path = directory / MANIFEST
+    manifest = _read_json(path, "manifest", str(path))
+    _first(_version_problems(str(path), *manifest["format_version"]))
+    _first(_manifest_problems(str(path), manifest))
+    return manifest
+
+
+def _version_problems(what, major, minor):
+    if major > VERSION[0]:
+        yield (f"{what}: format version {major}.{minor} is newer than this reader "
+               f"({VERSION[0]}.{VERSION[1]}); upgrade qwen3pack to read it")
+    elif major < 1:
+        yield f"{what}: format version {major}.{minor} is not a released version"
+
+
+def _manifest_problems(what, manifest):
+    model, layout = manifest["model"], manifest["layout"]
+    try:
+        expected_layout = make_layout(model, layout["world_size"], layout["dtype"])
+    except LayoutError as error:
+        yield f"{what}: layout: {error}"
+        return
+    if layout != expected_layout:
+        yield f"{what}: layout {layout} does not follow from the model and world size ({expected_layout})"
+    if len(model["layer_types"]) != model["num_hidden_layers"]:
+        yield f"{what}: model.layer_types has {len(model['layer_types'])} entries for {model['num_hidden_layers']} layers"
+    world = layout["world_size"]
+    names = [entry["file"] for entry in manifest["rank_files"]]
+    expected_names = [rank_file_name(rank, world) for rank in range(world)]
+    if names != expected_names or [e["rank"] for e in manifest["rank_files"]] != list(range(world)):
+        yield f"{what}: rank_files must list {expected_names} in rank order, found {names}"
+    if manifest["tensors"] != global_tensors(model, layout):
+        yield f"{what}: tensors does not list the global tensors that the model and layout imply"
+
+
+def read_prefix(path, what):
+    """The checked 64-byte prefix of a rank file."""
+    actual_size = os.path.getsize(path)
+    if actual_size < PREFIX.size:
+        raise FormatError(f"{what}: truncated: {actual_size} bytes, shorter than the 64-byte prefix")
+    with io.open(path, "rb") as f:
+        magic, *fields = PREFIX.unpack(f.read(PREFIX.size))
+    if magic != MAGIC:
+        raise FormatError(f"{what}: not a qwen3pack rank file (magic {magic!r})")
+    prefix = Prefix(*fields)
+    _first(_version_problems(what, prefix.major, prefix.minor))
+    if prefix.file_size != actual_size:
+        raise FormatError(f"{what}: truncated or extended: the prefix says {prefix.file_size} bytes, "
+                          f"the file has {actual_size}")
+    if prefix.data_offset % DATA_ALIGNMENT or prefix.file_size % DATA_ALIGNMENT:
+        raise FormatError(f"{what}: data_offset {prefix.data_offset} or file_size {prefix.file_size} "
+                          f"is not a multiple of {DATA_ALIGNMENT}")
+    if not PREFIX.size + prefix.header_length <= prefix.data_offset <= prefix.file_size:
+        raise FormatError(f"{what}: header_length {prefix.header_length} and data_offset "
+                          f"{prefix.data_offset} do not fit in {prefix.file_size} bytes")
+    if prefix.world_size < 1 or prefix.rank >= prefix.world_size:
+        raise FormatError(f"{what}: rank {prefix.rank} of world size {prefix.world_size}")
+    return prefix
+
+
+def read_rank_file(path):
+    """A rank file with its prefix and header checked on their own (not yet against a manifest)."""
+    path = Path(path)
+    what = path.name
+    if not path.is_file():
+        raise FormatError(f"{what}: missing")
+    prefix = read_prefix(path, what)
+    with io.open(path, "rb") as f:
+        f.seek(PREFIX.size)
+        encoded = f.read(prefix.header_length)
+    if _core.crc32c(encoded) != prefix.header_crc32c:
+        raise FormatError(f"{what}: header checksum mismatch (the header is damaged)")
+    try:
+        header = json.loads(encoded)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{what}: header is not JSON: {error}") from None
+    try:
+        schema.validate(header, "rank_header", what)
+    except schema.SchemaError as error:
+        raise FormatError(str(error)) from None
+    tensors = {record["name"]: record for record in header["tensors"]}
+    if len(tensors) != len(header["tensors"]):
+        raise FormatError(f"{what}: a tensor name appears twice")
+    return RankFile(path, prefix, header, tensors)
+
+
+def rank_file_problems(rank_file, manifest, rank):
+    """Every way in which one rank file disagrees with the manifest, the layout or its own bounds."""
+    what = rank_file.path.name
+    prefix = rank_file.prefix
+    layout, model = manifest["layout"], manifest["model"]
+    if prefix.rank != rank or prefix.world_size != layout["world_size"]:
+        yield (f"{what}: holds rank {prefix.rank} of {prefix.world_size}, the manifest expects "
+               f"rank {rank} of {layout['world_size']}")
+    if prefix.conversion_id.hex() != manifest["conversion_id"]:
+        yield (f"{what}: conversion id {prefix.conversion_id.hex()} differs from the manifest's "
+               f"{manifest['conversion_id']}: files of different conversions are mixed")
+    entry = manifest["rank_files"][rank]
+    if entry["size"] != prefix.file_size or entry["header_crc32c"] != crc_hex(prefix.header_crc32c):
+        yield f"{what}: size or header checksum differs from the manifest's entry"
+    for key in ("model", "layout"):
+        if rank_file.header[key] != manifest[key]:
+            yield f"{what}: header's {key} differs from the manifest's"
+    yield from _record_problems(rank_file, model, layout, rank)
+
+
+def _record_problems(rank_file, model, layout, rank):
+    what = rank_file.path.name
+    records = rank_file.header["tensors"]
+    expected = rank_tensors(model, layout, rank)
+    expected_names = [t["name"] for t in expected]
+    if [r["name"] for r in records] != expected_names:
+        missing = sorted(set(expected_names) - set(rank_file.tensors))
+        extra = sorted(set(rank_file.tensors) - set(expected_names))
+        yield f"{what}: tensor list differs from the layout (missing {missing}, unexpected {extra}, or out of order)"
+    expected_by_name = {t["name"]: t for t in expected}
+    previous_end = rank_file.prefix.data_offset
+    for record in records:
+        name, offset, nbytes = record["name"], record["offset"], record["nbytes"]
+        want = expected_by_name.get(name)
+        if want is not None:
+            for key in ("dtype", "shape", "parts"):
+                if record[key] != want[key]:
+                    yield f"{what}: tensor {name}: {key} {record[key]} differs from the layout's {want[key]}"
+        if record["dtype"] in ("bf16", "f16", "f32") and nbytes != math.prod(record["shape"]) * element_size(record["dtype"]):
+            yield f"{what}: tensor {name}: nbytes {nbytes} does not match shape {record['shape']} of {record['dtype']}"
+        if offset % TENSOR_ALIGNMENT:
+            yield f"{what}: tensor {name}: offset {offset} is not a multiple of {TENSOR_ALIGNMENT}"
+        if offset < previous_end:
+            yield f"{what}: tensor {name}: offset {offset} overlaps the header or the previous tensor (which ends at {previous_end})"
+        if offset + nbytes > rank_file.prefix.file_size:
+            yield (f"{what}: tensor {name}: bytes [{offset}, {offset + nbytes}) lie outside the file "
+                   f"({rank_file.prefix.file_size} bytes)")
+        previous_end = max(previous_end, offset + nbytes)
+
+
+def checksum_problems(rank_file):
+    """Recomputes every tensor's CRC32C (reading, not mapping, so no pages stay resident)."""
+    what = rank_file.path.name
+    buffer = bytearray(CHECKSUM_CHUNK)
+    with io.open(rank_file.path, "rb", buffering=0) as f:
+        for record in rank_file.header["tensors"]:
+            crc, remaining, offset = 0, record["nbytes"], record["offset"]
+            while remaining:
+                n = os.preadv(f.fileno(), [memoryview(buffer)[:min(remaining, CHECKSUM_CHUNK)]], offset)
+                if n <= 0:
+                    break
+                crc = _core.crc32c(memoryview(buffer)[:n], crc)
+                remaining, offset = remaining - n, offset + n
+            if crc_hex(crc) != record["crc32c"]:
+                yield f"{what}: tensor {record['name']}: checksum mismatch (the data is damaged)"
+
+
+def open(directory):
+    """Opens a converted model: the manifest and every rank file, checked against each other,
+    against the layout and against their own sizes. Checksums are not read (see validate)."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    ranks = []
+    for rank, entry in enumerate(manifest["rank_files"]):
+        rank_file = read_rank_file(directory / entry["file"])
+        _first(rank_file_problems(rank_file, manifest, rank))
+        ranks.append(rank_file)
+    return ConvertedModel(directory, manifest, ranks)
+
+
+def gather(directory, name):
+    """The global Hugging Face tensor `name`, rebuilt from the slices that the ranks hold (in the
+    stored dtype; bf16 as uint16 bits). Copies of replicated slices must agree."""
+    converted = directory if isinstance(directory, ConvertedModel) else open(directory)
+    if name not in converted.manifest["tensors"]:
+        raise KeyError(f"{converted.path}: no tensor {name}")
+    spec = converted.manifest["tensors"][name]
+    out = np.zeros(spec["shape"], dtype=storage_dtype(spec["dtype"]))
+    filled = {}  # axis slice (start, end) or None -> source rank file, for replica checks
+    for rank_file in converted.ranks:
+        for record in rank_file.header["tensors"]:
+            for part in record["parts"]:
+                if part["source"] != name:
+                    continue
+                stored = rank_file.array(record["name"])
+                axis, start, end = part["axis"], part["start"], part["end"]
+                if axis is None:
+                    piece, target = stored, (slice(None),)
+                else:
+                    index = [slice(None)] * stored.ndim
+                    index[axis] = slice(part["at"], part["at"] + end - start)
+                    piece = stored[tuple(index)]
+                    target = [slice(None)] * stored.ndim
+                    target[axis] = slice(start, end)
+                    target = tuple(target)
+                key = (axis, start, end)
+                if key in filled:
+                    if not np.array_equal(out[target], piece):
+                        raise FormatError(f"{rank_file.path.name}: tensor {record['name']}: its copy of "
+                                          f"{name}[{start}:{end}] differs from {filled[key]}'s")
+                    continue
+                out[target] = piece
+                filled[key] = rank_file.path.name
+    _first(_coverage_problems(name, spec["shape"], filled))
+    return out
+
+
+def _coverage_problems(name, shape, filled):
+    if (None, 0, shape[0]) in filled:
+        return
+    covered = sorted((start, end) for (axis, start, end) in filled)
+    position = 0
+    for start, end in covered:
+        if start != position:
+            break
+        position = end
+    axes = {axis for (axis, _, _) in filled}
+    if len(axes) != 1 or position != shape[next(iter(axes))]:
+        yield f"{name}: the rank files do not cover the whole tensor"
