@@ -19,7 +19,7 @@ from ..formats.reader import MANIFEST
 from .. import schema
 from .source import COPIED_FILES, SourceError, read_bytes_into, source_files
 
-CHUNK_BYTES = 32 << 20  # source bytes read at a time: the converter's memory bound
+CHUNK_BYTES = 8 << 20  # source bytes read at a time: with the dtype conversion's temporaries, the memory bound
 HASH_CHUNK = 8 << 20
 
 

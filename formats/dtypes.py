@@ -29,7 +29,7 @@ def to_float32(raw, dtype):
     """Values of `raw` (elements stored as `dtype`) as float32."""
     if dtype == "bf16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
+    return raw.astype(np.float32, copy=False)
 
 
 def float32_to_bf16_bits(values):

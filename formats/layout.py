@@ -132,20 +132,24 @@ class LayoutError(ValueError):
 
 
 def make_layout(model, world_size, dtype):
-    """The layout object of SPEC.md for `model` split over `world_size` ranks."""
-    heads, kv_heads = model["num_attention_heads"], model["num_key_value_heads"]
+    """The layout object of SPEC.md that splits `model` over `world_size` ranks.
+
+    Raises LayoutError, naming the field, when the heads, the KV heads or the MLP rows do not
+    split evenly.
+    """
     if world_size < 1:
-        raise LayoutError(f"tp must be at least 1, got {world_size}")
-    if heads % world_size:
-        raise LayoutError(f"num_attention_heads ({heads}) is not divisible by tp ({world_size})")
-    if world_size > kv_heads and world_size % kv_heads:
-        raise LayoutError(f"tp ({world_size}) exceeds num_key_value_heads ({kv_heads}) and is not "
-                          f"a multiple of it, so KV heads cannot be replicated evenly")
-    if world_size <= kv_heads and kv_heads % world_size:
-        raise LayoutError(f"num_key_value_heads ({kv_heads}) is not divisible by tp ({world_size})")
-    if model["intermediate_size"] % world_size:
-        raise LayoutError(f"intermediate_size ({model['intermediate_size']}) is not divisible by "
-                          f"tp ({world_size})")
+        raise LayoutError(f"world_size: {world_size} ranks; tensor parallelism needs at least 1")
+    heads, kv_heads = model["num_attention_heads"], model["num_key_value_heads"]
+    _require_split("num_attention_heads", heads, world_size)
+    if world_size > kv_heads:
+        # more ranks than KV heads: each KV head is replicated on an equal number of ranks
+        if world_size % kv_heads:
+            raise LayoutError(
+                f"num_key_value_heads: {kv_heads} KV heads cannot be shared by {world_size} ranks; "
+                "with more ranks than KV heads, world_size must be a multiple of num_key_value_heads")
+    else:
+        _require_split("num_key_value_heads", kv_heads, world_size)
+    _require_split("intermediate_size", model["intermediate_size"], world_size)
     padded_vocab = -(-model["vocab_size"] // world_size) * world_size
     return {
         "world_size": world_size,
@@ -157,3 +161,8 @@ def make_layout(model, world_size, dtype):
         "intermediate_per_rank": model["intermediate_size"] // world_size,
         "vocab_rows_per_rank": padded_vocab // world_size,
     }
+
+
+def _require_split(field, value, world_size):
+    if value % world_size:
+        raise LayoutError(f"{field}: {value} does not split over {world_size} tensor-parallel ranks")

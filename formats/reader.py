@@ -61,18 +61,11 @@ def _first(problems):
         raise FormatError(problem)
 
 
-def _read_json(path, schema_name, what):
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{what}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise FormatError(f"{what}: not readable JSON: {error}") from None
+def _validate_schema(document, schema_name, what):
     try:
         schema.validate(document, schema_name, what)
     except schema.SchemaError as error:
         raise FormatError(str(error)) from None
-    return document
 
 
 def read_manifest(directory):
@@ -80,9 +73,18 @@ def read_manifest(directory):
     if not directory.is_dir():
         raise FormatError(f"{directory}: not a directory")
     path = directory / MANIFEST
-    manifest = _read_json(path, "manifest", str(path))
-    _first(_version_problems(str(path), *manifest["format_version"]))
-    _first(_manifest_problems(str(path), manifest))
+    what = str(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{what}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FormatError(f"{what}: not readable JSON: {error}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, list) and len(version) == 2 and all(isinstance(v, int) for v in version):
+        _first(_version_problems(what, *version))  # before the schema, which knows only this major
+    _validate_schema(manifest, "manifest", what)
+    _first(_manifest_problems(what, manifest))
     return manifest
 
 
@@ -155,10 +157,7 @@ def read_rank_file(path):
         header = json.loads(encoded)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FormatError(f"{what}: header is not JSON: {error}") from None
-    try:
-        schema.validate(header, "rank_header", what)
-    except schema.SchemaError as error:
-        raise FormatError(str(error)) from None
+    _validate_schema(header, "rank_header", what)
     tensors = {record["name"]: record for record in header["tensors"]}
     if len(tensors) != len(header["tensors"]):
         raise FormatError(f"{what}: a tensor name appears twice")
