@@ -26,15 +26,19 @@ def validate(instance, schema_name, what):
     `instance` matches the schema `schema_name`."""
     error = best_match(_validator(schema_name).iter_errors(instance))
     if error is not None:
-        raise SchemaError(f"{what}: {_field_path(error)}: {error.message}")
+        raise SchemaError(f"{what}: {_field_path(error, instance)}: {error.message}")
 
 
-def _field_path(error):
-    """`rope_scaling.factor`, `layer_types[3]`: the path of the offending value, as a reader writes it."""
-    path = ""
+def _field_path(error, instance):
+    """`rope_scaling.factor`, `layer_types[3]`, `tensors[7](model.norm.weight).offset`: the path of
+    the offending value, as a reader writes it, with the name of any named entry on the way."""
+    path, node = "", instance
     for key in error.absolute_path:
+        node = node[key] if isinstance(node, (dict, list)) else None
         if isinstance(key, int):
             path += f"[{key}]"
+            if isinstance(node, dict) and isinstance(node.get("name"), str):
+                path += f"({node['name']})"
         else:
             path += f".{key}" if path else key
     return path or "(top level)"

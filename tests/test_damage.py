@@ -181,3 +181,9 @@ def test_generation_settings_can_be_edited_without_touching_the_weights(model):
     (model / "manifest.json").write_text(json.dumps(manifest))
     (model / "chat_template.jinja").write_text("{{ messages }}")
     assert validate(model).ok
+
+
+def test_a_schema_violation_in_a_tensor_record_names_the_tensor(model):
+    rewrite_header(model, RANK0, lambda h: record(h, QKV).update(dtype="q4"))
+    with pytest.raises(FormatError, match=rf"{RANK0}: tensors\[\d+\]\({QKV}\)\.dtype: 'q4' is not one of"):
+        formats.open(model)
