@@ -8,7 +8,7 @@ from pathlib import Path
 from ..formats.dtypes import element_size
 from ..formats.layout import global_tensors, make_layout, rank_tensors
 from ..formats.rankfile import crc_hex, plan_offsets
-from .hf_config import generation_hints, normalize_config
+from .hf_config import generation_hints, normalize_config, read_config
 from .source import SourceError, read_tensors
 
 DTYPE_CHOICES = ("auto", "bf16", "f16", "f32")
@@ -57,7 +57,10 @@ def _check_sources(model, layout, sources):
 def _generation(raw_config, source_dir):
     hints = generation_hints(raw_config)
     path = source_dir / "generation_config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        config = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as error:
+        raise SourceError(f"{path.name}: not a JSON file: {error}") from None
     eos = config.get("eos_token_id", hints["eos_token_ids"])
     defaults = {"temperature": 0.0}
     if config.get("do_sample"):
@@ -89,7 +92,7 @@ def make_plan(source_dir, tp, dtype="auto"):
     config_path = source_dir / "config.json"
     if not config_path.exists():
         raise SourceError(f"{source_dir}: no config.json")
-    raw_config = json.loads(config_path.read_text())
+    raw_config = read_config(config_path)
     model = normalize_config(raw_config, source=str(config_path))
     all_sources = read_tensors(source_dir)
     layout = make_layout(model, tp, _weights_dtype(dtype, all_sources))

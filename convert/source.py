@@ -67,7 +67,7 @@ def read_safetensors_header(path):
             raise SourceError(f"{path.name}: safetensors header length {header_length} does not fit the file")
         try:
             header = json.loads(f.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: hostile nesting
             raise SourceError(f"{path.name}: safetensors header is not JSON: {error}") from None
     data_start = 8 + header_length
     tensors = {}

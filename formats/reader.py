@@ -78,7 +78,7 @@ def read_manifest(directory):
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise FormatError(f"{what}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: hostile nesting
         raise FormatError(f"{what}: not readable JSON: {error}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if isinstance(version, list) and len(version) == 2 and all(isinstance(v, int) for v in version):
@@ -155,7 +155,7 @@ def read_rank_file(path):
         raise FormatError(f"{what}: header checksum mismatch (the header is damaged)")
     try:
         header = json.loads(encoded)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: hostile nesting
         raise FormatError(f"{what}: header is not JSON: {error}") from None
     _validate_schema(header, "rank_header", what)
     tensors = {record["name"]: record for record in header["tensors"]}

@@ -195,3 +195,11 @@ def test_peak_memory_stays_far_below_the_largest_tensor(tmp_path):
     assert result.returncode == 0, result.stderr
     peak_mb = int(result.stdout) / 1024
     assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB while converting a 256 MB tensor"
+
+
+def test_a_config_that_is_not_json_is_named(tmp_path):
+    source = make_checkpoint(tmp_path / "src")
+    (source / "config.json").write_text("{ not json")
+    result = run_cli("convert", source, tmp_path / "out")
+    assert result.returncode == 1 and "config.json: not a JSON file" in result.stderr
+    assert "Traceback" not in result.stderr
