@@ -30,5 +30,9 @@ test: $(VENV)/.test-deps install
 demo: install
 	$(PY) -m qwen3pack.demo $(if $(MODEL),--model $(MODEL)) --out $(DEMO_DIR)
 
+# Speed, as ratios against baselines measured in the same run (transformers comes with the test deps).
+bench: $(VENV)/.test-deps install
+	$(PY) -m qwen3pack.bench
+
 clean:
 	rm -rf build $(DEMO_DIR)

@@ -1,9 +1,21 @@
 // The nanobind module qwen3pack._core: the Python face of the C++ core.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.h"
 #include "crc32c.h"
+#include "engine.h"
+#include "sampling.h"
 
 namespace nb = nanobind;
+using namespace nb::literals;
 
 namespace {
 
@@ -20,10 +32,365 @@ uint32_t crc32c_of_buffer(nb::handle buffer, uint32_t crc) {
   return result;
 }
 
+// ---- Reading the caller's dicts, with errors that name the field (never a crash). ----
+
+nb::handle field(nb::dict d, const char* key, const std::string& where) {
+  PyObject* v = PyDict_GetItemString(d.ptr(), key);  // borrowed
+  if (!v) throw q3p::FormatError(where + ": missing key '" + key + "'");
+  return nb::handle(v);
+}
+
+bool is_int(nb::handle h) { return PyLong_Check(h.ptr()) && !PyBool_Check(h.ptr()); }
+
+int64_t as_i64(nb::handle h, const std::string& what) {
+  if (!is_int(h)) throw q3p::FormatError(what + " must be an integer");
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  if (overflow || (v == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    throw q3p::FormatError(what + " is out of range");
+  }
+  return v;
+}
+
+uint64_t as_u64(nb::handle h, const std::string& what) {
+  if (!is_int(h)) throw q3p::FormatError(what + " must be an integer");
+  unsigned long long v = PyLong_AsUnsignedLongLong(h.ptr());
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw q3p::FormatError(what + " = " + nb::str(h).c_str() + " is out of range (not a 64-bit unsigned)");
+  }
+  return v;
+}
+
+double as_f64(nb::handle h, const std::string& what) {
+  if (!(PyFloat_Check(h.ptr()) || is_int(h))) throw q3p::FormatError(what + " must be a number");
+  double v = PyFloat_AsDouble(h.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw q3p::FormatError(what + " is out of range");
+  }
+  return v;
+}
+
+// SPEC: 8 lowercase hex digits (an integer is accepted too).
+uint32_t as_crc(nb::handle h, const std::string& what) {
+  if (PyUnicode_Check(h.ptr())) {
+    std::string s = nb::cast<std::string>(h);
+    if (s.size() != 8 || s.find_first_not_of("0123456789abcdef") != std::string::npos)
+      throw q3p::FormatError(what + " '" + s + "' is not 8 lowercase hex digits");
+    return static_cast<uint32_t>(std::stoul(s, nullptr, 16));
+  }
+  const uint64_t v = as_u64(h, what);
+  if (v > UINT32_MAX) throw q3p::FormatError(what + " is out of range");
+  return static_cast<uint32_t>(v);
+}
+
+bool as_bool(nb::handle h, const std::string& what) {
+  if (!PyBool_Check(h.ptr())) throw q3p::FormatError(what + " must be a boolean");
+  return h.ptr() == Py_True;
+}
+
+std::string as_str(nb::handle h, const std::string& what) {
+  if (!PyUnicode_Check(h.ptr())) throw q3p::FormatError(what + " must be a string");
+  return nb::cast<std::string>(h);
+}
+
+nb::dict as_dict(nb::handle h, const std::string& what) {
+  if (!PyDict_Check(h.ptr())) throw q3p::FormatError(what + " must be an object");
+  return nb::borrow<nb::dict>(h);
+}
+
+nb::list as_list(nb::handle h, const std::string& what) {
+  if (!PyList_Check(h.ptr()) && !PyTuple_Check(h.ptr())) throw q3p::FormatError(what + " must be a list");
+  return nb::list(h);
+}
+
+q3p::ModelConfig parse_model(nb::dict d) {
+  const std::string w = "model object";
+  auto i = [&](const char* k) { return as_i64(field(d, k, w), w + "." + k); };
+  q3p::ModelConfig m;
+  std::string arch = as_str(field(d, "architecture", w), w + ".architecture");
+  if (arch != "qwen3") throw q3p::FormatError(w + ": architecture '" + arch + "' is not qwen3");
+  std::string act = as_str(field(d, "hidden_act", w), w + ".hidden_act");
+  if (act != "silu") throw q3p::FormatError(w + ": hidden_act '" + act + "' is not supported (silu only)");
+  m.hidden_size = i("hidden_size");
+  m.intermediate_size = i("intermediate_size");
+  m.num_hidden_layers = i("num_hidden_layers");
+  m.num_attention_heads = i("num_attention_heads");
+  m.num_key_value_heads = i("num_key_value_heads");
+  m.head_dim = i("head_dim");
+  m.vocab_size = i("vocab_size");
+  m.max_position_embeddings = i("max_position_embeddings");
+  m.rms_norm_eps = as_f64(field(d, "rms_norm_eps", w), w + ".rms_norm_eps");
+  m.tie_word_embeddings = as_bool(field(d, "tie_word_embeddings", w), w + ".tie_word_embeddings");
+
+  nb::dict rope = as_dict(field(d, "rope", w), w + ".rope");
+  const std::string rw = w + ".rope";
+  std::string type = as_str(field(rope, "type", rw), rw + ".type");
+  m.rope.theta = as_f64(field(rope, "theta", rw), rw + ".theta");
+  auto rf = [&](const char* k) { return as_f64(field(rope, k, rw), rw + "." + k); };
+  if (type == "default") {
+    m.rope.type = q3p::RopeType::Default;
+  } else if (type == "linear") {
+    m.rope.type = q3p::RopeType::Linear;
+    m.rope.factor = rf("factor");
+  } else if (type == "yarn") {
+    m.rope.type = q3p::RopeType::Yarn;
+    m.rope.factor = rf("factor");
+    m.rope.original_max_position_embeddings = rf("original_max_position_embeddings");
+    m.rope.beta_fast = rf("beta_fast");
+    m.rope.beta_slow = rf("beta_slow");
+    m.rope.truncate = as_bool(field(rope, "truncate", rw), rw + ".truncate");
+    m.rope.attention_factor = rf("attention_factor");
+  } else {
+    throw q3p::FormatError(rw + ": type '" + type + "' is not supported (default, linear, yarn)");
+  }
+
+  nb::list types = as_list(field(d, "layer_types", w), w + ".layer_types");
+  bool any_sliding = false;
+  for (size_t k = 0; k < types.size(); ++k) {
+    std::string t = as_str(types[k], w + ".layer_types[" + std::to_string(k) + "]");
+    if (t == "sliding_attention") any_sliding = true;
+    else if (t != "full_attention") throw q3p::FormatError(w + ": layer type '" + t + "' is not supported");
+    m.sliding.push_back(t == "sliding_attention");
+  }
+  nb::handle win = field(d, "sliding_window", w);
+  m.sliding_window = win.is_none() ? 0 : as_i64(win, w + ".sliding_window");
+  if (!any_sliding) m.sliding_window = 0;
+  return m;
+}
+
+q3p::Layout parse_layout(nb::dict d) {
+  const std::string w = "layout object";
+  auto i = [&](const char* k) { return as_i64(field(d, k, w), w + "." + k); };
+  q3p::Layout l;
+  l.world_size = i("world_size");
+  std::string dt = as_str(field(d, "dtype", w), w + ".dtype");
+  if (!q3p::parse_dtype(dt, &l.dtype)) throw q3p::FormatError(w + ": dtype '" + dt + "' is not supported");
+  l.padded_vocab_size = i("padded_vocab_size");
+  l.heads_per_rank = i("heads_per_rank");
+  l.kv_heads_per_rank = i("kv_heads_per_rank");
+  l.kv_head_replicas = i("kv_head_replicas");
+  l.intermediate_per_rank = i("intermediate_per_rank");
+  l.vocab_rows_per_rank = i("vocab_rows_per_rank");
+  return l;
+}
+
+q3p::RankSource parse_rank(nb::dict d, size_t index) {
+  std::string w = "rank " + std::to_string(index);
+  q3p::RankSource s;
+  s.path = as_str(field(d, "path", w), w + ".path");
+  w = s.path;
+  const int64_t rank = as_i64(field(d, "rank", w), w + ": rank");
+  const int64_t world = as_i64(field(d, "world_size", w), w + ": world_size");
+  if (rank < 0 || rank > UINT32_MAX || world < 1 || world > UINT32_MAX)
+    throw q3p::FormatError(w + ": rank or world size out of range");
+  s.expect.rank = static_cast<uint32_t>(rank);
+  s.expect.world_size = static_cast<uint32_t>(world);
+  nb::handle id = field(d, "conversion_id", w);
+  if (!PyBytes_Check(id.ptr()) || PyBytes_Size(id.ptr()) != 16)
+    throw q3p::FormatError(w + ": conversion_id must be 16 bytes");
+  std::memcpy(s.expect.conversion_id.data(), PyBytes_AsString(id.ptr()), 16);
+  s.expect.file_size = as_u64(field(d, "file_size", w), w + ": file_size");
+  s.expect.data_offset = as_u64(field(d, "data_offset", w), w + ": data_offset");
+  nb::list tensors = as_list(field(d, "tensors", w), w + ": tensors");
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    nb::dict t = as_dict(tensors[k], w + ": tensor record " + std::to_string(k));
+    q3p::TensorRecord r;
+    r.name = as_str(field(t, "name", w), w + ": tensor record " + std::to_string(k) + " name");
+    const std::string tw = w + ": tensor '" + r.name + "'";
+    r.dtype = as_str(field(t, "dtype", tw), tw + " dtype");
+    nb::list shape = as_list(field(t, "shape", tw), tw + " shape");
+    for (size_t a = 0; a < shape.size(); ++a) r.shape.push_back(as_i64(shape[a], tw + " shape"));
+    r.offset = as_u64(field(t, "offset", tw), tw + " offset");
+    r.nbytes = as_u64(field(t, "nbytes", tw), tw + " nbytes");
+    r.crc32c = as_crc(field(t, "crc32c", tw), tw + " crc32c");
+    s.tensors.push_back(std::move(r));
+  }
+  return s;
+}
+
+// ---- Arrays ----
+
+using IdArray = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using FloatArray = nb::ndarray<nb::numpy, float>;
+
+std::vector<int32_t> ids_of(const IdArray& a) { return std::vector<int32_t>(a.data(), a.data() + a.shape(0)); }
+
+FloatArray make_array(std::vector<float>&& v, std::vector<size_t> shape) {
+  auto* heap = new std::vector<float>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+  return FloatArray(heap->data(), shape.size(), shape.data(), owner);
+}
+
+// ---- Objects ----
+
+struct Session {
+  std::shared_ptr<q3p::Engine> engine;
+  std::unique_ptr<q3p::KVCache> cache;
+};
+
+struct EngineHandle {
+  std::shared_ptr<q3p::Engine> engine;
+  q3p::Engine& get() const {
+    if (!engine || engine->closed()) throw q3p::ClosedError("the model is closed");
+    return *engine;
+  }
+};
+
+// Runs one batched forward with the GIL released; splits the logits per request.
+std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::KVCache*>& caches,
+                                    const std::vector<std::vector<int32_t>>& ids, const std::vector<bool>& all_logits) {
+  std::vector<q3p::ForwardRequest> batch(caches.size());
+  for (size_t i = 0; i < caches.size(); ++i)
+    batch[i] = {caches[i], ids[i].data(), ids[i].size(), all_logits[i]};
+  std::vector<float> out;
+  {
+    nb::gil_scoped_release release;
+    out = engine.forward(batch);
+  }
+  const size_t vocab = static_cast<size_t>(engine.model().vocab_size);
+  std::vector<FloatArray> result;
+  size_t row = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const size_t rows = all_logits[i] ? ids[i].size() : 1;
+    std::vector<float> part(out.begin() + static_cast<std::ptrdiff_t>(row * vocab),
+                            out.begin() + static_cast<std::ptrdiff_t>((row + rows) * vocab));
+    row += rows;
+    if (all_logits[i]) result.push_back(make_array(std::move(part), {rows, vocab}));
+    else result.push_back(make_array(std::move(part), {vocab}));
+  }
+  return result;
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
   m.doc() = "qwen3pack's C++ core";
   m.def("crc32c", &crc32c_of_buffer, nb::arg("buffer"), nb::arg("crc") = 0,
         "CRC32C (Castagnoli) of a contiguous buffer, continuing from `crc` (0 to start).");
+
+  nb::exception<q3p::FormatError>(m, "FormatError", PyExc_ValueError);
+  nb::exception<q3p::UsageError>(m, "UsageError", PyExc_ValueError);
+  nb::exception<q3p::ContextLengthError>(m, "ContextLengthError", PyExc_ValueError);
+  nb::exception<q3p::ClosedError>(m, "ClosedError", PyExc_RuntimeError);
+
+  nb::class_<Session>(m, "Session", "A sequence with its KV cache (made by Engine.new_session).")
+      .def_prop_ro("position", [](const Session& s) { return s.cache->position(); })
+      .def("append",
+           [](Session& s, const IdArray& ids, bool all_logits) {
+             if (!s.engine || s.engine->closed()) throw q3p::ClosedError("the model is closed");
+             auto r = run_forward(*s.engine, {s.cache.get()}, {ids_of(ids)}, {all_logits});
+             return r[0];
+           },
+           "ids"_a, "all_logits"_a = false,
+           "Feeds tokens; returns float32 logits [vocab] of the last one ([n, vocab] with all_logits).")
+      .def("fork",
+           [](const Session& s) {
+             if (!s.engine || s.engine->closed()) throw q3p::ClosedError("the model is closed");
+             auto copy = std::make_unique<Session>();
+             copy->engine = s.engine;
+             copy->cache = s.engine->copy_cache(*s.cache);
+             return copy.release();
+           },
+           nb::rv_policy::take_ownership, "An independent copy of this sequence.")
+      .def("reset", [](Session& s) { s.engine->reset_cache(*s.cache); }, "Empties the sequence.");
+
+  nb::class_<EngineHandle>(m, "Engine", "The model's rank files, mapped and checked, and the threads computing them.")
+      .def("__init__",
+           [](EngineHandle* self, nb::dict model, nb::dict layout, nb::list ranks, int threads, int64_t max_context,
+              bool verify_crc) {
+             q3p::ModelConfig mc = parse_model(model);
+             q3p::Layout lc = parse_layout(layout);
+             std::vector<q3p::RankSource> sources;
+             for (size_t i = 0; i < ranks.size(); ++i) sources.push_back(parse_rank(as_dict(ranks[i], "rank entry"), i));
+             q3p::EngineOptions opt;
+             opt.threads = threads;
+             opt.max_context = max_context;
+             opt.verify_crc = verify_crc;
+             std::shared_ptr<q3p::Engine> engine;
+             {
+               nb::gil_scoped_release release;
+               engine = std::make_shared<q3p::Engine>(mc, lc, sources, opt);
+             }
+             new (self) EngineHandle{std::move(engine)};
+           },
+           "model"_a, "layout"_a, "ranks"_a, "threads"_a, "max_context"_a, "verify_crc"_a)
+      .def("close",
+           [](EngineHandle& h) {
+             if (!h.engine) return;
+             nb::gil_scoped_release release;  // waits for a forward in flight
+             h.engine->close();
+           })
+      .def_prop_ro("closed", [](const EngineHandle& h) { return !h.engine || h.engine->closed(); })
+      .def_prop_ro("vocab_size", [](const EngineHandle& h) { return h.get().model().vocab_size; })
+      .def_prop_ro("max_context", [](const EngineHandle& h) { return h.get().max_context(); })
+      .def_prop_ro("world_size", [](const EngineHandle& h) { return h.get().layout().world_size; })
+      .def_prop_ro("threads", [](const EngineHandle& h) { return h.get().threads(); })
+      .def_prop_ro("threads_per_rank", [](const EngineHandle& h) { return h.get().threads_per_rank(); })
+      .def("new_session",
+           [](const EngineHandle& h) {
+             auto s = std::make_unique<Session>();
+             s->engine = h.engine;
+             s->cache = h.get().new_cache();
+             return s.release();
+           },
+           nb::rv_policy::take_ownership)
+      .def("forward",
+           [](const EngineHandle& h, std::vector<Session*> sessions, std::vector<IdArray> ids, std::vector<bool> all_logits) {
+             q3p::Engine& e = h.get();
+             if (sessions.size() != ids.size() || sessions.size() != all_logits.size())
+               throw q3p::UsageError("sessions, ids and all_logits must have the same length");
+             std::vector<q3p::KVCache*> caches;
+             std::vector<std::vector<int32_t>> tokens;
+             for (size_t i = 0; i < sessions.size(); ++i) {
+               if (!sessions[i]) throw q3p::UsageError("a session is None");
+               caches.push_back(sessions[i]->cache.get());
+               tokens.push_back(ids_of(ids[i]));
+             }
+             return run_forward(e, caches, tokens, all_logits);
+           },
+           "sessions"_a, "ids"_a, "all_logits"_a,
+           "One batched forward: appends ids[i] to sessions[i] for every i; logits per session.")
+      .def("logits_batch",
+           [](const EngineHandle& h, std::vector<IdArray> ids) {
+             q3p::Engine& e = h.get();
+             std::vector<std::unique_ptr<q3p::KVCache>> owned;
+             std::vector<q3p::KVCache*> caches;
+             std::vector<std::vector<int32_t>> tokens;
+             for (const IdArray& a : ids) {
+               owned.push_back(e.new_cache());
+               caches.push_back(owned.back().get());
+               tokens.push_back(ids_of(a));
+             }
+             return run_forward(e, caches, tokens, std::vector<bool>(ids.size(), true));
+           },
+           "ids"_a, "Fresh sequences in one batched forward; logits [len_i, vocab] of every position.");
+
+  nb::class_<q3p::Sampler>(m, "Sampler", "Seeded next-token choice with penalties and filters.")
+      .def("__init__",
+           [](q3p::Sampler* self, size_t vocab_size, double temperature, int64_t top_k, double top_p, double min_p,
+              double presence_penalty, double repetition_penalty, uint64_t seed) {
+             q3p::SamplingParams p;
+             p.temperature = temperature;
+             p.top_k = top_k;
+             p.top_p = top_p;
+             p.min_p = min_p;
+             p.presence_penalty = presence_penalty;
+             p.repetition_penalty = repetition_penalty;
+             new (self) q3p::Sampler(p, seed, vocab_size);
+           },
+           "vocab_size"_a, "temperature"_a = 0.0, "top_k"_a = 0, "top_p"_a = 1.0, "min_p"_a = 0.0,
+           "presence_penalty"_a = 0.0, "repetition_penalty"_a = 1.0, "seed"_a = 0)
+      .def("add_prompt", [](q3p::Sampler& s, const IdArray& ids) { s.add_prompt(ids.data(), ids.shape(0)); })
+      .def("accept", &q3p::Sampler::accept)
+      .def("sample",
+           [](q3p::Sampler& s, nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> logits) {
+             if (logits.shape(0) != s.vocab_size())
+               throw q3p::UsageError("logits have " + std::to_string(logits.shape(0)) + " values, expected " +
+                                     std::to_string(s.vocab_size()));
+             return s.sample(logits.data());
+           },
+           "logits"_a);
 }

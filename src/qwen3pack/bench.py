@@ -3,6 +3,9 @@
 - convert: a Qwen3-0.6B-shaped bf16 checkpoint (random weights) converted at tp=2, against `cp`
   of the same safetensors bytes (page cache warm for both).
 - validate: full checksum validation of the result, in GB/s.
+- decode: greedy tokens/s of the runtime on the converted model, against transformers (torch, CPU,
+  bf16) on the source checkpoint, and against the memory-bandwidth roofline (weight bytes read per
+  token over the bandwidth that numpy measures here, with the same threads).
 """
 import argparse
 import shutil
@@ -13,6 +16,7 @@ import time
 from pathlib import Path
 
 from .convert import convert
+from . import formats
 from .formats import validate
 from .testing import make_checkpoint
 
@@ -59,11 +63,65 @@ def bench_validate(converted, repeats):
           f"({report.bytes / seconds / 1e9:.2f} GB/s, target >= 1)")
 
 
+def memory_bandwidth(threads):
+    """Bytes/s of reading a 1 GiB array, split over `threads` threads (numpy releases the GIL)."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+    data = np.ones(1 << 27, dtype=np.float64)
+    chunks = np.array_split(data, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        seconds = median_seconds(lambda: list(pool.map(np.sum, chunks)), 5)
+    return data.nbytes / seconds
+
+
+def decode_seconds_per_token(generate, prompt, tokens):
+    started = time.perf_counter()
+    count = sum(1 for _ in generate(prompt, tokens))
+    return (time.perf_counter() - started) / count
+
+
+def bench_decode(source, converted, threads, tokens, repeats):
+    import numpy as np
+    from . import load
+    prompt = list(np.random.default_rng(0).integers(0, 1000, 16))
+    weights_per_token = sum(r.file_size for r in formats.open(converted).ranks)
+    with load(converted, threads=threads, max_context=len(prompt) + tokens + 1) as model:
+        ours = statistics.median(
+            decode_seconds_per_token(lambda p, n: model.generate(p, max_new_tokens=n), prompt, tokens)
+            for _ in range(repeats))
+    bandwidth = memory_bandwidth(threads)
+    roofline = weights_per_token / bandwidth
+    theirs = transformers_seconds_per_token(source, prompt, tokens, threads)
+    print(f"decode    {1 / ours:.1f} tokens/s with {threads} threads; transformers bf16 {1 / theirs:.1f} tokens/s "
+          f"(ours/theirs {theirs / ours:.2f}); roofline {1 / roofline:.1f} tokens/s at "
+          f"{bandwidth / 1e9:.1f} GB/s for {weights_per_token / 1e9:.2f} GB of weights (ours/roofline "
+          f"{roofline / ours:.2f})")
+
+
+def transformers_seconds_per_token(source, prompt, tokens, threads):
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("          (transformers not installed: `make test` installs it)")
+        return float("nan")
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return (time.perf_counter() - started) / (out.shape[1] - len(prompt))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=QWEN3_0_6B["num_hidden_layers"])
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qwen3pack-bench-") as tmp:
         work = Path(tmp)
@@ -71,6 +129,7 @@ def main():
         source = make_checkpoint(work / "source", dtype="bf16", **{**QWEN3_0_6B, "num_hidden_layers": args.layers})
         converted = bench_convert(work, source, args.tp, args.repeats)
         bench_validate(converted, args.repeats)
+        bench_decode(source, converted, args.threads, args.tokens, args.repeats)
 
 
 if __name__ == "__main__":

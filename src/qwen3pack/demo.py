@@ -27,7 +27,7 @@ def main():
 
     source = args.model
     if source is None:
-        source = make_checkpoint(out / "checkpoint", seed=0, **DEMO_MODEL)
+        source = make_checkpoint(out / "checkpoint", seed=0, tie=False, **DEMO_MODEL)
         print(f"1. made a small random Qwen3 checkpoint in {source} (random weights: expect gibberish)")
     else:
         print(f"1. source checkpoint: {source}")
@@ -47,11 +47,26 @@ def main():
     tokenizer = Tokenizer.from_file(str(converted / "tokenizer.json"))
     ids = tokenizer.encode(PROMPT).ids
     with load(converted, max_context=len(ids) + args.tokens) as model:
-        started = time.perf_counter()
-        new = list(model.generate(ids, max_new_tokens=args.tokens, temperature=0.0))
+        sampling = sampling_settings(model.generation["defaults"])
+        print(f"4. continuing {PROMPT!r} with {sampling}:")
+        print(f"   {PROMPT}", end="", flush=True)
+        started, new, shown = time.perf_counter(), [], ""
+        for token in model.generate(ids, max_new_tokens=args.tokens, seed=0, **sampling):
+            new.append(token)
+            text = tokenizer.decode(new)
+            print(text[len(shown):], end="", flush=True)  # stream as the tokens come
+            shown = text
         seconds = time.perf_counter() - started
-    print(f"4. greedy continuation of {PROMPT!r} ({len(new)} tokens in {seconds:.2f} s):")
-    print(f"   {PROMPT}{tokenizer.decode(new)!r}")
+    print(f"\n   ({len(new)} tokens in {seconds:.2f} s)")
+
+
+def sampling_settings(defaults):
+    """The model's own sampling defaults (generation_config.json), or mild sampling when those are
+    greedy: greedy decoding of random weights repeats one token."""
+    settings = {k: v for k, v in defaults.items() if k in ("temperature", "top_k", "top_p", "min_p")}
+    if settings.get("temperature", 0.0) > 0:
+        return settings
+    return {"temperature": 0.8, "top_p": 0.95}
 
 
 if __name__ == "__main__":

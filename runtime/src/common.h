@@ -1,0 +1,50 @@
+// Shared small definitions of the runtime: dtypes, errors, overflow-safe arithmetic.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace q3p {
+
+// A rank file or its tensor table is malformed, hostile or does not match the model.
+struct FormatError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// A request the engine cannot serve (bad token id, empty input, ...).
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// A sequence would grow beyond the engine's max_context.
+struct ContextLengthError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// The model was closed: its files are unmapped.
+struct ClosedError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+inline const char* dtype_name(DType t) {
+  return t == DType::F32 ? "f32" : (t == DType::F16 ? "f16" : "bf16");
+}
+// Returns false for an unknown name.
+inline bool parse_dtype(const std::string& s, DType* out) {
+  if (s == "f32") *out = DType::F32;
+  else if (s == "f16") *out = DType::F16;
+  else if (s == "bf16") *out = DType::BF16;
+  else return false;
+  return true;
+}
+
+// Overflow-checked unsigned arithmetic: false when the result does not fit.
+inline bool checked_add(uint64_t a, uint64_t b, uint64_t* out) {
+  return !__builtin_add_overflow(a, b, out);
+}
+inline bool checked_mul(uint64_t a, uint64_t b, uint64_t* out) {
+  return !__builtin_mul_overflow(a, b, out);
+}
+
+}  // namespace q3p

@@ -1,0 +1,365 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+
+#include "kernels.h"
+
+namespace q3p {
+
+namespace {
+std::atomic<uint64_t> next_engine_id{1};
+}
+
+Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector<RankSource>& ranks,
+               const EngineOptions& options)
+    : model_(model), layout_(layout), max_context_(options.max_context), id_(next_engine_id++) {
+  validate_model(model_);
+  const int64_t W = static_cast<int64_t>(ranks.size());
+  if (W < 1) throw FormatError("no rank files");
+  if (layout.world_size != W)
+    throw FormatError("layout object: world_size = " + std::to_string(layout.world_size) + " but " +
+                      std::to_string(W) + " rank files were given");
+  check_layout(layout_, derive_layout(model_, W, layout.dtype));
+  if (max_context_ < 1 || max_context_ > (int64_t(1) << 24))
+    throw UsageError("max_context = " + std::to_string(max_context_) + " is out of range [1, 16777216]");
+  if (options.threads < 1) throw UsageError("threads must be >= 1");
+  threads_per_rank_ = std::max(1, options.threads / static_cast<int>(W));
+
+  files_.reserve(static_cast<size_t>(W));
+  weights_.reserve(static_cast<size_t>(W));
+  for (int64_t r = 0; r < W; ++r) {
+    const RankSource& src = ranks[static_cast<size_t>(r)];
+    if (src.expect.rank != r || src.expect.world_size != W)
+      throw FormatError(src.path + ": listed as rank " + std::to_string(src.expect.rank) + " of " +
+                        std::to_string(src.expect.world_size) + " at position " + std::to_string(r) +
+                        " of a world of " + std::to_string(W));
+    files_.emplace_back(src.path);
+    const RankPrefix prefix = check_prefix(files_.back(), src.expect);
+    weights_.push_back(bind_rank_weights(files_.back(), prefix.data_offset, src.tensors, model_, layout_,
+                                         options.verify_crc));
+  }
+
+  kv_geometry_.world_size = static_cast<int>(W);
+  kv_geometry_.layers = model_.num_hidden_layers;
+  kv_geometry_.sliding = model_.sliding;
+  kv_geometry_.window = model_.sliding_window;
+  kv_geometry_.max_context = max_context_;
+  kv_geometry_.row = layout_.kv_heads_per_rank * model_.head_dim;
+  rope_ = compute_rope(model_);
+  attn_scale_ = static_cast<float>(std::pow(static_cast<double>(model_.head_dim), -0.5));
+
+  comm_ = std::make_unique<SharedMemoryCommunicator>(static_cast<int>(W));
+  rank_pool_ = std::make_unique<ThreadPool>(static_cast<int>(W));
+  for (int64_t r = 0; r < W; ++r) pools_.push_back(std::make_unique<ThreadPool>(threads_per_rank_));
+  work_.resize(static_cast<size_t>(W));
+}
+
+Engine::~Engine() { close(); }
+
+void Engine::close() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_.exchange(true)) return;
+  pools_.clear();
+  rank_pool_.reset();
+  weights_.clear();
+  for (MappedFile& f : files_) f.unmap();
+  files_.clear();
+  work_.clear();
+  gathered_ = {};
+}
+
+std::unique_ptr<KVCache> Engine::new_cache() {
+  if (closed_) throw ClosedError("the model is closed");
+  return std::make_unique<KVCache>(&kv_geometry_, id_);
+}
+
+std::unique_ptr<KVCache> Engine::copy_cache(const KVCache& cache) {
+  std::lock_guard<std::mutex> lock(mu_);  // not while a forward writes it
+  if (closed_) throw ClosedError("the model is closed");
+  return std::make_unique<KVCache>(cache);
+}
+
+void Engine::reset_cache(KVCache& cache) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cache.reset();
+}
+
+void Engine::check_request(const std::vector<ForwardRequest>& batch) {
+  if (closed_) throw ClosedError("the model is closed");
+  if (batch.empty()) throw UsageError("empty batch");
+  std::set<const KVCache*> caches;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const ForwardRequest& q = batch[i];
+    const std::string which = batch.size() > 1 ? "sequence " + std::to_string(i) + ": " : "";
+    if (!q.cache || q.cache->owner() != id_) throw UsageError(which + "session belongs to another model");
+    if (!caches.insert(q.cache).second) throw UsageError(which + "the same session appears twice in one batch");
+    if (q.n == 0) throw UsageError(which + "no tokens given");
+    for (size_t j = 0; j < q.n; ++j)
+      if (q.ids[j] < 0 || q.ids[j] >= model_.vocab_size)
+        throw UsageError(which + "token id " + std::to_string(q.ids[j]) + " at index " + std::to_string(j) +
+                         " is outside the vocabulary [0, " + std::to_string(model_.vocab_size) + ")");
+    const int64_t end = q.cache->position() + static_cast<int64_t>(q.n);
+    if (end > max_context_)
+      throw ContextLengthError(which + "the sequence would reach " + std::to_string(end) +
+                               " tokens, beyond max_context = " + std::to_string(max_context_) +
+                               " (it holds " + std::to_string(q.cache->position()) + ", " +
+                               std::to_string(q.n) + " more were given)");
+  }
+}
+
+std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_request(batch);
+
+  // Flatten the batch (every allocation happens here, before the ranks start).
+  const size_t W = static_cast<size_t>(layout_.world_size);
+  const size_t H = static_cast<size_t>(model_.hidden_size), D = static_cast<size_t>(model_.head_dim);
+  const size_t half = D / 2;
+  seqs_.clear();
+  tok_ids_.clear();
+  tok_pos_.clear();
+  tok_seq_.clear();
+  selected_.clear();
+  int64_t max_keys = 1;
+  for (const ForwardRequest& q : batch) {
+    const int64_t pos0 = q.cache->position();
+    q.cache->reserve(pos0 + static_cast<int64_t>(q.n));
+    seqs_.push_back({q.cache, tok_ids_.size(), q.n, pos0});
+    for (size_t j = 0; j < q.n; ++j) {
+      if (q.all_logits || j + 1 == q.n) selected_.push_back(tok_ids_.size());
+      tok_ids_.push_back(q.ids[j]);
+      tok_pos_.push_back(pos0 + static_cast<int64_t>(j));
+      tok_seq_.push_back(static_cast<uint32_t>(seqs_.size() - 1));
+    }
+    max_keys = std::max(max_keys, pos0 + static_cast<int64_t>(q.n));
+  }
+  const size_t N = tok_ids_.size(), S = selected_.size();
+  // Attention schedule (see attention()): a sequence wraps the ring of the sliding layers when
+  // several new tokens run past the ring's end.
+  bulk_full_.resize(N);
+  for (size_t t = 0; t < N; ++t) bulk_full_[t] = t;
+  bulk_sliding_.clear();
+  wrapping_seqs_.clear();
+  const int64_t ring = std::min(model_.sliding_window, max_context_);
+  for (size_t i = 0; i < seqs_.size(); ++i) {
+    const Seq& s = seqs_[i];
+    if (ring > 0 && s.n > 1 && s.pos0 + static_cast<int64_t>(s.n) > ring)
+      wrapping_seqs_.push_back(i);
+    else
+      for (size_t j = 0; j < s.n; ++j) bulk_sliding_.push_back(s.first_token + j);
+  }
+  cos_.resize(N * half);
+  sin_.resize(N * half);
+  for (size_t t = 0; t < N; ++t) {
+    const float p = static_cast<float>(tok_pos_[t]);
+    for (size_t i = 0; i < half; ++i) {
+      const float angle = p * rope_.inv_freq[i];  // float32, as transformers
+      cos_[t * half + i] = static_cast<float>(std::cos(static_cast<double>(angle))) * rope_.attention_factor;
+      sin_[t * half + i] = static_cast<float>(std::sin(static_cast<double>(angle))) * rope_.attention_factor;
+    }
+  }
+  const size_t Nq = static_cast<size_t>(layout_.heads_per_rank), Nkv = static_cast<size_t>(layout_.kv_heads_per_rank);
+  const size_t I = static_cast<size_t>(layout_.intermediate_per_rank), V = static_cast<size_t>(layout_.vocab_rows_per_rank);
+  const size_t widest = std::max({H, Nq * D, I});
+  const size_t T = static_cast<size_t>(threads_per_rank_);
+  for (RankWork& w : work_) {
+    w.x.resize(N * H);
+    w.xn.resize(N * H);
+    w.qkv.resize(N * (Nq + 2 * Nkv) * D);
+    w.attn.resize(N * Nq * D);
+    w.proj.resize(N * H);
+    w.gate_up.resize(N * 2 * I);
+    w.act.resize(N * I);
+    w.sel.resize(S * H);
+    w.logits.resize(S * V);
+    w.scratch.resize(T * widest);
+    w.scores.resize(T * static_cast<size_t>(max_keys));
+  }
+  gathered_.resize(W * S * V);
+  comm_->reserve(N * H);
+
+  rank_pool_->run(static_cast<int>(W), [&](int r) { rank_forward(r); });
+
+  // Logits rows: the vocabulary is split by rows over the ranks; padding rows are dropped.
+  const size_t vocab = static_cast<size_t>(model_.vocab_size);
+  std::vector<float> out(S * vocab);
+  for (size_t s = 0; s < S; ++s)
+    for (size_t r = 0; r < W; ++r) {
+      const size_t begin = r * V;
+      if (begin >= vocab) break;
+      const size_t count = std::min(V, vocab - begin);
+      std::memcpy(out.data() + s * vocab + begin, gathered_.data() + (r * S + s) * V, count * sizeof(float));
+    }
+  for (const Seq& s : seqs_) s.cache->set_position(s.pos0 + static_cast<int64_t>(s.n));
+  return out;
+}
+
+void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, float* y) {
+  RankWork& work = work_[static_cast<size_t>(rank)];
+  const size_t in = static_cast<size_t>(w.cols), out = static_cast<size_t>(w.rows);
+  const size_t stride = work.scratch.size() / static_cast<size_t>(threads_per_rank_);
+  parallel_for(*pools_[static_cast<size_t>(rank)], out, [&](int part, size_t b, size_t e) {
+    matmul_rows(x, in, n, w.data, w.dtype, in, b, e, y, out, work.scratch.data() + static_cast<size_t>(part) * stride);
+  });
+}
+
+void Engine::rank_forward(int rank) {
+  RankWork& w = work_[static_cast<size_t>(rank)];
+  const RankWeights& wt = weights_[static_cast<size_t>(rank)];
+  ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
+  const size_t N = tok_ids_.size(), S = selected_.size();
+  const size_t H = static_cast<size_t>(model_.hidden_size), D = static_cast<size_t>(model_.head_dim);
+  const size_t half = D / 2;
+  const size_t Nq = static_cast<size_t>(layout_.heads_per_rank), Nkv = static_cast<size_t>(layout_.kv_heads_per_rank);
+  const size_t I = static_cast<size_t>(layout_.intermediate_per_rank), V = static_cast<size_t>(layout_.vocab_rows_per_rank);
+  const size_t qkv_row = (Nq + 2 * Nkv) * D;
+  const float eps = static_cast<float>(model_.rms_norm_eps);
+
+  // Embedding: this rank holds vocabulary rows [rank * V, (rank + 1) * V); the others are zero
+  // here, and the all-reduce assembles every token's row (adding exact zeros).
+  const int64_t first_row = static_cast<int64_t>(rank) * static_cast<int64_t>(V);
+  const size_t esize = dtype_size(wt.embed.dtype);
+  parallel_for(pool, N, [&](int, size_t b, size_t e) {
+    for (size_t t = b; t < e; ++t) {
+      const int64_t local = tok_ids_[t] - first_row;
+      if (local >= 0 && local < static_cast<int64_t>(V))
+        to_f32(static_cast<const uint8_t*>(wt.embed.data) + static_cast<size_t>(local) * H * esize, wt.embed.dtype,
+               w.x.data() + t * H, H);
+      else
+        std::fill_n(w.x.data() + t * H, H, 0.0f);
+    }
+  });
+  comm_->all_reduce_sum(rank, w.x.data(), N * H);
+
+  for (int64_t l = 0; l < model_.num_hidden_layers; ++l) {
+    const LayerWeights& L = wt.layers[static_cast<size_t>(l)];
+    // Attention block.
+    parallel_for(pool, N, [&](int, size_t b, size_t e) {
+      for (size_t t = b; t < e; ++t) rmsnorm(w.x.data() + t * H, L.input_norm.f32(), eps, w.xn.data() + t * H, H);
+    });
+    matmul(rank, w.xn.data(), N, L.qkv, w.qkv.data());
+    parallel_for(pool, N, [&](int, size_t b, size_t e) {
+      for (size_t t = b; t < e; ++t) {
+        float* row = w.qkv.data() + t * qkv_row;
+        const float* c = cos_.data() + t * half;
+        const float* s = sin_.data() + t * half;
+        for (size_t h = 0; h < Nq; ++h) {
+          rmsnorm(row + h * D, L.q_norm.f32(), eps, row + h * D, D);
+          rope_neox(row + h * D, c, s, D);
+        }
+        for (size_t g = 0; g < Nkv; ++g) {
+          float* k = row + (Nq + g) * D;
+          rmsnorm(k, L.k_norm.f32(), eps, k, D);
+          rope_neox(k, c, s, D);
+        }
+      }
+    });
+    attention(rank, l);
+    matmul(rank, w.attn.data(), N, L.o_proj, w.proj.data());
+    comm_->all_reduce_sum(rank, w.proj.data(), N * H);
+    add(w.x.data(), w.proj.data(), N * H);
+    // MLP block.
+    parallel_for(pool, N, [&](int, size_t b, size_t e) {
+      for (size_t t = b; t < e; ++t) rmsnorm(w.x.data() + t * H, L.post_norm.f32(), eps, w.xn.data() + t * H, H);
+    });
+    matmul(rank, w.xn.data(), N, L.gate_up, w.gate_up.data());
+    parallel_for(pool, N, [&](int, size_t b, size_t e) {
+      for (size_t t = b; t < e; ++t) {
+        const float* gu = w.gate_up.data() + t * 2 * I;
+        silu_mul(gu, gu + I, w.act.data() + t * I, I);
+      }
+    });
+    matmul(rank, w.act.data(), N, L.down, w.proj.data());
+    comm_->all_reduce_sum(rank, w.proj.data(), N * H);
+    add(w.x.data(), w.proj.data(), N * H);
+  }
+
+  // Final norm and this rank's vocabulary rows of the logits, gathered on rank 0.
+  for (size_t s = 0; s < S; ++s)
+    rmsnorm(w.x.data() + selected_[s] * H, wt.final_norm.f32(), eps, w.sel.data() + s * H, H);
+  matmul(rank, w.sel.data(), S, wt.lm_head, w.logits.data());
+  comm_->gather(rank, w.logits.data(), S * V, gathered_.data());
+}
+
+void Engine::store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t g0, int64_t g1) {
+  const size_t D = static_cast<size_t>(model_.head_dim);
+  const size_t Nq = static_cast<size_t>(layout_.heads_per_rank), Nkv = static_cast<size_t>(layout_.kv_heads_per_rank);
+  const float* row = work_[static_cast<size_t>(rank)].qkv.data() + t * (Nq + 2 * Nkv) * D;
+  const int64_t slot = cache.slot(layer, pos);
+  const size_t off = static_cast<size_t>(g0) * D, count = static_cast<size_t>(g1 - g0) * D;
+  std::memcpy(cache.keys(rank, layer, slot) + off, row + Nq * D + off, count * sizeof(float));
+  std::memcpy(cache.values(rank, layer, slot) + off, row + (Nq + Nkv) * D + off, count * sizeof(float));
+}
+
+// One query (token t at position pos, local head h) against the cached keys it may see.
+void Engine::attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t h, float* scores) {
+  const size_t D = static_cast<size_t>(model_.head_dim);
+  const int64_t Nq = layout_.heads_per_rank, Nkv = layout_.kv_heads_per_rank;
+  const int64_t g = h / (Nq / Nkv);
+  RankWork& w = work_[static_cast<size_t>(rank)];
+  const float* q = w.qkv.data() + t * static_cast<size_t>(Nq + 2 * Nkv) * D + static_cast<size_t>(h) * D;
+  const bool sliding = model_.sliding[static_cast<size_t>(layer)];
+  const int64_t lo = sliding ? std::max<int64_t>(0, pos - model_.sliding_window + 1) : 0;
+  const size_t nk = static_cast<size_t>(pos - lo + 1);
+  const size_t goff = static_cast<size_t>(g) * D;
+  for (size_t j = 0; j < nk; ++j) {
+    const int64_t slot = cache.slot(layer, lo + static_cast<int64_t>(j));
+    scores[j] = dot_f32(q, cache.keys(rank, layer, slot) + goff, D) * attn_scale_;
+  }
+  softmax(scores, nk);
+  float* out = w.attn.data() + t * static_cast<size_t>(Nq) * D + static_cast<size_t>(h) * D;
+  std::fill_n(out, D, 0.0f);
+  for (size_t j = 0; j < nk; ++j) {
+    const int64_t slot = cache.slot(layer, lo + static_cast<int64_t>(j));
+    axpy(out, scores[j], cache.values(rank, layer, slot) + goff, D);
+  }
+}
+
+void Engine::attention(int rank, int64_t layer) {
+  RankWork& w = work_[static_cast<size_t>(rank)];
+  ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
+  const int64_t Nq = layout_.heads_per_rank, Nkv = layout_.kv_heads_per_rank;
+  const size_t max_keys = w.scores.size() / static_cast<size_t>(threads_per_rank_);
+
+  // See forward(): sequences whose new tokens do not wrap a ring write all their keys first,
+  // then all their queries attend in parallel.
+  const bool sliding = model_.sliding[static_cast<size_t>(layer)];
+  const std::vector<size_t>& bulk_tokens = sliding ? bulk_sliding_ : bulk_full_;
+  parallel_for(pool, bulk_tokens.size(), [&](int, size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i) {
+      const size_t t = bulk_tokens[i];
+      store_kv(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], 0, Nkv);
+    }
+  });
+  parallel_for(pool, bulk_tokens.size() * static_cast<size_t>(Nq), [&](int part, size_t b, size_t e) {
+    float* scores = w.scores.data() + static_cast<size_t>(part) * max_keys;
+    for (size_t i = b; i < e; ++i) {
+      const size_t t = bulk_tokens[i / static_cast<size_t>(Nq)];
+      attend(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], static_cast<int64_t>(i % static_cast<size_t>(Nq)), scores);
+    }
+  });
+  if (!sliding) return;
+
+  // A sequence whose new tokens wrap the ring of a sliding layer writes and attends token by
+  // token, or a later token's key would overwrite one that an earlier token needs. Its KV heads
+  // go in parallel: each task touches only the slots' part of its own heads.
+  const int64_t group = Nq / Nkv;
+  for (size_t si : wrapping_seqs_) {
+    const Seq& s = seqs_[si];
+    parallel_for(pool, static_cast<size_t>(Nkv), [&](int part, size_t b, size_t e) {
+      float* scores = w.scores.data() + static_cast<size_t>(part) * max_keys;
+      for (size_t j = 0; j < s.n; ++j) {
+        const size_t t = s.first_token + j;
+        const int64_t pos = s.pos0 + static_cast<int64_t>(j);
+        store_kv(rank, layer, *s.cache, t, pos, static_cast<int64_t>(b), static_cast<int64_t>(e));
+        for (int64_t h = static_cast<int64_t>(b) * group; h < static_cast<int64_t>(e) * group; ++h)
+          attend(rank, layer, *s.cache, t, pos, h, scores);
+      }
+    });
+  }
+}
+
+}  // namespace q3p

@@ -1,0 +1,121 @@
+// The Qwen3 forward pass over tensor-parallel ranks: one thread per rank (each with its own pool
+// for its matmuls), weights read straight from the read-only mappings, collectives through a
+// Communicator. One forward serves a batch of sequences at different positions: all their new
+// tokens form one activation matrix, so each weight is read once per step for the whole batch.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "comm.h"
+#include "kv_cache.h"
+#include "mapped_file.h"
+#include "model_config.h"
+#include "thread_pool.h"
+#include "weights.h"
+
+namespace q3p {
+
+// What the caller knows about one rank file (from the manifest and the file's own header).
+struct RankSource {
+  std::string path;
+  ExpectedPrefix expect;
+  std::vector<TensorRecord> tensors;
+};
+
+struct EngineOptions {
+  int threads = 1;            // compute threads in all; each rank gets max(1, threads / W)
+  int64_t max_context = 4096;  // longest sequence (KV cache positions)
+  bool verify_crc = false;     // check every tensor's CRC32C at load
+};
+
+// New tokens of one sequence for Engine::forward.
+struct ForwardRequest {
+  KVCache* cache = nullptr;
+  const int32_t* ids = nullptr;
+  size_t n = 0;
+  bool all_logits = false;  // logits of every new token, else of the last one only
+};
+
+class Engine {
+ public:
+  // Maps and checks every rank file; throws FormatError (a bad file or table) or UsageError.
+  Engine(const ModelConfig& model, const Layout& layout, const std::vector<RankSource>& ranks,
+         const EngineOptions& options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const ModelConfig& model() const { return model_; }
+  const Layout& layout() const { return layout_; }
+  int64_t max_context() const { return max_context_; }
+  int threads() const { return threads_per_rank_ * static_cast<int>(layout_.world_size); }
+  int threads_per_rank() const { return threads_per_rank_; }
+  bool closed() const { return closed_.load(); }
+  // Unmaps the files and stops the threads; later calls throw ClosedError. Idempotent.
+  void close();
+
+  std::unique_ptr<KVCache> new_cache();
+  std::unique_ptr<KVCache> copy_cache(const KVCache& cache);
+  void reset_cache(KVCache& cache);
+
+  // Runs the new tokens of every request through the model and advances their caches.
+  // Returns the logits, vocab_size floats per row: for each request in order, one row per new
+  // token (all_logits) or one row (its last token). Throws (before any compute) UsageError for
+  // a bad request, ContextLengthError past max_context, ClosedError after close().
+  std::vector<float> forward(const std::vector<ForwardRequest>& batch);
+
+ private:
+  struct RankWork {
+    std::vector<float> x, xn, qkv, attn, proj, gate_up, act, sel, logits;
+    std::vector<float> scratch;  // pool threads x the widest matmul input
+    std::vector<float> scores;   // pool threads x the most keys of one query
+  };
+  struct Seq {  // one request during a forward
+    KVCache* cache;
+    size_t first_token, n;
+    int64_t pos0;
+  };
+
+  void check_request(const std::vector<ForwardRequest>& batch);
+  void rank_forward(int rank);
+  void matmul(int rank, const float* x, size_t n, const TensorView& w, float* y);
+  void attention(int rank, int64_t layer);
+  void attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t head, float* scores);
+  void store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_begin, int64_t kv_end);
+
+  ModelConfig model_;
+  Layout layout_;
+  int64_t max_context_;
+  int threads_per_rank_;
+  uint64_t id_;
+  KVGeometry kv_geometry_;
+  RopeTables rope_;
+  float attn_scale_;
+
+  std::vector<MappedFile> files_;
+  std::vector<RankWeights> weights_;
+  std::unique_ptr<Communicator> comm_;
+  std::unique_ptr<ThreadPool> rank_pool_;
+  std::vector<std::unique_ptr<ThreadPool>> pools_;
+  std::vector<RankWork> work_;
+
+  // The current forward: tokens of all sequences, flattened.
+  std::vector<Seq> seqs_;
+  std::vector<int32_t> tok_ids_;
+  std::vector<int64_t> tok_pos_;
+  std::vector<uint32_t> tok_seq_;
+  std::vector<float> cos_, sin_;     // [token][head_dim / 2]
+  std::vector<size_t> selected_;     // tokens whose logits are wanted
+  std::vector<size_t> bulk_full_, bulk_sliding_;  // tokens attended all at once, per layer kind
+  std::vector<size_t> wrapping_seqs_;  // sequences attended token by token in sliding layers
+  std::vector<float> gathered_;      // [rank][selected][vocab rows per rank]
+
+  std::mutex mu_;  // one forward (or close, or cache copy) at a time
+  std::atomic<bool> closed_{false};
+};
+
+}  // namespace q3p
