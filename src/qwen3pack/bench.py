@@ -87,7 +87,8 @@ def bench_decode(source, converted, threads, tokens, repeats):
     weights_per_token = sum(r.file_size for r in formats.open(converted).ranks)
     with load(converted, threads=threads, max_context=len(prompt) + tokens + 1) as model:
         ours = statistics.median(
-            decode_seconds_per_token(lambda p, n: model.generate(p, max_new_tokens=n), prompt, tokens)
+            decode_seconds_per_token(lambda p, n: model.generate(p, max_new_tokens=n, stop_token_ids=[]),
+                                     prompt, tokens)
             for _ in range(repeats))
     bandwidth = memory_bandwidth(threads)
     roofline = weights_per_token / bandwidth
@@ -105,6 +106,8 @@ def transformers_seconds_per_token(source, prompt, tokens, threads):
     except ImportError:
         print("          (transformers not installed: `make test` installs it)")
         return float("nan")
+    from transformers.utils import logging
+    logging.disable_progress_bar()
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     ids = torch.tensor([prompt])
