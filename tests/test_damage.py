@@ -187,3 +187,47 @@ def test_a_schema_violation_in_a_tensor_record_names_the_tensor(model):
     rewrite_header(model, RANK0, lambda h: record(h, QKV).update(dtype="q4"))
     with pytest.raises(FormatError, match=rf"{RANK0}: tensors\[\d+\]\({QKV}\)\.dtype: 'q4' is not one of"):
         formats.open(model)
+
+
+def test_random_damage_to_prefix_and_header_never_escapes_as_anything_but_a_clean_error(pristine, tmp_path):
+    import numpy as np
+    from qwen3pack import load
+    rng = np.random.default_rng(7)
+    original = (pristine / RANK0).read_bytes()
+    header_end = 64 + struct.unpack_from("<Q", original, 24)[0]
+    model = tmp_path / "fuzzed"
+    shutil.copytree(pristine, model)
+    for _ in range(150):
+        data = bytearray(original)
+        for position in rng.integers(0, header_end, rng.integers(1, 4)):
+            data[position] = rng.integers(0, 256)
+        (model / RANK0).write_bytes(data)
+        report = validate(model, quick=True)
+        assert report.ok == (bytes(data) == original)
+        if not report.ok:
+            with pytest.raises(FormatError):
+                load(model)
+
+
+def test_resealed_headers_with_hostile_numbers_are_refused_by_reader_and_loader(pristine, tmp_path):
+    import numpy as np
+    from qwen3pack import load
+    rng = np.random.default_rng(11)
+    hostile = [0, 1, 63, 4096, (1 << 63) - 1, 1 << 64, (1 << 64) + 4096, -64]
+    for attempt in range(40):
+        model = tmp_path / f"m{attempt}"
+        shutil.copytree(pristine, model)
+        def mutate(header):
+            r = header["tensors"][rng.integers(len(header["tensors"]))]
+            key = ["offset", "nbytes", "shape"][rng.integers(3)]
+            value = int(hostile[rng.integers(len(hostile))])
+            if key == "shape":
+                r["shape"][0] = value
+            else:
+                r[key] = value
+        rewrite_header(model, RANK1, mutate)
+        if (model / RANK1).read_bytes() == (pristine / RANK1).read_bytes():
+            continue  # the mutation happened to write the value that was there
+        assert not validate(model, quick=True).ok
+        with pytest.raises(FormatError):
+            load(model)
