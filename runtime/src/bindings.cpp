@@ -73,17 +73,13 @@ double as_f64(nb::handle h, const std::string& what) {
   return v;
 }
 
-// SPEC: 8 lowercase hex digits (an integer is accepted too).
+// SPEC: 8 lowercase hex digits.
 uint32_t as_crc(nb::handle h, const std::string& what) {
-  if (PyUnicode_Check(h.ptr())) {
-    std::string s = nb::cast<std::string>(h);
-    if (s.size() != 8 || s.find_first_not_of("0123456789abcdef") != std::string::npos)
-      throw q3p::FormatError(what + " '" + s + "' is not 8 lowercase hex digits");
-    return static_cast<uint32_t>(std::stoul(s, nullptr, 16));
-  }
-  const uint64_t v = as_u64(h, what);
-  if (v > UINT32_MAX) throw q3p::FormatError(what + " is out of range");
-  return static_cast<uint32_t>(v);
+  if (!PyUnicode_Check(h.ptr())) throw q3p::FormatError(what + " must be a string of 8 hex digits");
+  std::string s = nb::cast<std::string>(h);
+  if (s.size() != 8 || s.find_first_not_of("0123456789abcdef") != std::string::npos)
+    throw q3p::FormatError(what + " '" + s + "' is not 8 lowercase hex digits");
+  return static_cast<uint32_t>(std::stoul(s, nullptr, 16));
 }
 
 bool as_bool(nb::handle h, const std::string& what) {
