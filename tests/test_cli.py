@@ -72,3 +72,12 @@ def test_inspect_summarizes_model_layout_and_layer_types(converted):
     assert "layer types  1 full_attention, 2 sliding_attention (window 16)" in text
     assert "tp 2, bf16 weights" in text
     assert "rank-00001-of-00002.q3p" in text
+
+
+def test_the_demo_converts_validates_and_generates_text(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qwen3pack.demo", "--out", str(tmp_path), "--tokens", "8"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "2. converted at tp=2" in result.stdout
+    assert "3. validated: valid (2 rank files" in result.stdout
+    assert "(8 tokens in" in result.stdout

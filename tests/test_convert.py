@@ -203,3 +203,25 @@ def test_a_config_that_is_not_json_is_named(tmp_path):
     result = run_cli("convert", source, tmp_path / "out")
     assert result.returncode == 1 and "config.json: not a JSON file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_kv_cache_estimate_of_qwen3_8b_at_tp2_counts_its_kv_heads_per_rank():
+    from qwen3pack.convert.hf_config import normalize_config, read_config
+    from qwen3pack.convert.plan import kv_cache_bytes_per_rank
+    from qwen3pack.formats import make_layout
+    model = normalize_config(read_config(Path(__file__).parent / "fixtures/configs/Qwen3-8B.json"))
+    layout = make_layout(model, 2, "bf16")
+    # 36 layers, keys and values, 4 of the 8 KV heads per rank, head_dim 128, 4096 tokens, f32
+    assert kv_cache_bytes_per_rank(model, layout, 4096) == 36 * 2 * 4 * 128 * 4096 * 4
+
+
+def test_kv_cache_estimate_keeps_only_the_window_of_sliding_layers():
+    from qwen3pack.convert.hf_config import normalize_config
+    from qwen3pack.convert.plan import kv_cache_bytes_per_rank
+    from qwen3pack.formats import make_layout
+    from qwen3pack.testing import DEFAULT_CONFIG
+    model = normalize_config({**DEFAULT_CONFIG, "num_hidden_layers": 4, "use_sliding_window": True,
+                              "sliding_window": 100, "max_window_layers": 1})
+    layout = make_layout(model, 1, "f32")
+    per_token = 2 * 2 * 32 * 4
+    assert kv_cache_bytes_per_rank(model, layout, 1000) == (1000 + 3 * 100) * per_token
