@@ -7,6 +7,8 @@ from .plan import DTYPE_CHOICES, describe, make_plan
 from .source import SourceError, resolve
 from .write import ConversionError, commit_atomically, write_directory
 
+__all__ = ["convert", "dry_run", "ConfigError", "ConversionError", "SourceError", "DTYPE_CHOICES"]
+
 
 def convert(source, output, tp=1, dtype="auto", force=False):
     """Converts `source` (a local directory or a hub id) into `output`; returns the Plan."""

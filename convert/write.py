@@ -17,7 +17,7 @@ from ..formats.dtypes import DtypeOverflow, convert, element_size, storage_dtype
 from ..formats.rankfile import VERSION, RankFileWriter, crc_hex, rank_file_name
 from ..formats.reader import MANIFEST
 from .. import schema
-from .source import COPIED_FILES, SourceError, read_bytes_into, source_files
+from .source import COPIED_FILES, read_bytes_into, source_files
 
 CHUNK_BYTES = 8 << 20  # source bytes read at a time: with the dtype conversion's temporaries, the memory bound
 HASH_CHUNK = 8 << 20

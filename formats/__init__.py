@@ -6,6 +6,10 @@ from .reader import (MANIFEST, ConvertedModel, RankFile, checksum_problems, gath
                      read_manifest)
 from .validate import Report, validate
 
+__all__ = ["open", "gather", "validate", "verify_checksums", "read_manifest", "Report", "ConvertedModel",
+           "RankFile", "RankFileWriter", "FormatError", "LayoutError", "make_layout", "rank_tensors",
+           "global_tensors", "rank_file_name", "DTYPES", "MANIFEST", "VERSION"]
+
 
 def verify_checksums(converted):
     """Raises FormatError at the first tensor whose CRC32C does not match."""

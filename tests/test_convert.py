@@ -92,7 +92,6 @@ def test_provenance_records_each_source_file_with_its_sha256(tmp_path, checkpoin
 
 
 def test_bf16_to_f16_overflow_names_the_tensor(tmp_path):
-    import numpy as np
     from safetensors import TensorSpec, serialize_file
     from safetensors.torch import load_file
     source = make_checkpoint(tmp_path / "src", dtype="bf16")

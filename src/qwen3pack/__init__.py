@@ -7,6 +7,8 @@
 """
 __version__ = "0.1.0"
 
-from . import formats  # noqa: E402
+from . import convert, formats, testing  # noqa: E402
 from .formats import validate  # noqa: E402
 from .runtime import load  # noqa: E402
+
+__all__ = ["convert", "formats", "testing", "validate", "load", "__version__"]

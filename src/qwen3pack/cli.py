@@ -100,7 +100,7 @@ def summary(converted):
         f"intermediate {m['intermediate_size']}, vocab {m['vocab_size']}",
         f"attention    {m['num_attention_heads']} q heads, {m['num_key_value_heads']} kv heads, head_dim {m['head_dim']}, "
         f"rope {rope['type']} theta {rope['theta']:g}",
-        f"layer types  " + ", ".join(f"{n} {k}" for k, n in kinds.items())
+        "layer types  " + ", ".join(f"{n} {k}" for k, n in kinds.items())
         + (f" (window {m['sliding_window']})" if "sliding_attention" in kinds else ""),
         f"embeddings   {'tied' if m['tie_word_embeddings'] else 'untied'}",
         f"layout       tp {layout['world_size']}, {layout['dtype']} weights, "
