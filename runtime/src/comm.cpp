@@ -30,18 +30,6 @@ void SharedMemoryCommunicator::all_reduce_sum(int rank, float* data, size_t n) {
   std::memcpy(data, out, n * sizeof(float));
 }
 
-void SharedMemoryCommunicator::all_gather(int rank, const float* send, size_t n, float* recv) {
-  if (world_ == 1) {
-    if (recv != send) std::memcpy(recv, send, n * sizeof(float));
-    return;
-  }
-  slots_[static_cast<size_t>(rank)] = send;
-  barrier_.wait();
-  for (size_t r = 0; r < static_cast<size_t>(world_); ++r)
-    std::memcpy(recv + r * n, slots_[r], n * sizeof(float));
-  barrier_.wait();  // senders keep their buffers until every rank has copied
-}
-
 void SharedMemoryCommunicator::gather(int rank, const float* send, size_t n, float* recv) {
   if (world_ == 1) {
     if (recv != send) std::memcpy(recv, send, n * sizeof(float));
@@ -52,7 +40,7 @@ void SharedMemoryCommunicator::gather(int rank, const float* send, size_t n, flo
   if (rank == 0)
     for (size_t r = 0; r < static_cast<size_t>(world_); ++r)
       std::memcpy(recv + r * n, slots_[r], n * sizeof(float));
-  barrier_.wait();
+  barrier_.wait();  // senders keep their buffers until rank 0 has copied
 }
 
 }  // namespace q3p

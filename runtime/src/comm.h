@@ -19,9 +19,8 @@ class Communicator {
   // data <- sum over ranks of data, summed in rank order 0, 1, ..., W-1 (every rank gets the
   // same bits). Called by every rank with the same n.
   virtual void all_reduce_sum(int rank, float* data, size_t n) = 0;
-  // recv[r * n, (r + 1) * n) <- rank r's send, for every r. Called by every rank with the same n.
-  virtual void all_gather(int rank, const float* send, size_t n, float* recv) = 0;
-  // Like all_gather, but only rank 0 receives (recv is ignored on the other ranks).
+  // On rank 0: recv[r * n, (r + 1) * n) <- rank r's send, for every r (recv is ignored on the
+  // other ranks). Called by every rank with the same n.
   virtual void gather(int rank, const float* send, size_t n, float* recv) = 0;
 };
 
@@ -32,7 +31,6 @@ class SharedMemoryCommunicator final : public Communicator {
   int world_size() const override { return world_; }
   void reserve(size_t max_elements) override;
   void all_reduce_sum(int rank, float* data, size_t n) override;
-  void all_gather(int rank, const float* send, size_t n, float* recv) override;
   void gather(int rank, const float* send, size_t n, float* recv) override;
 
  private:
