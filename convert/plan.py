@@ -25,10 +25,10 @@ class RankPlan:
 @dataclass
 class Plan:
     source_dir: Path
-    raw_config: dict
     model: dict
     layout: dict
     generation: dict
+    global_tensors: dict  # HF name -> {"shape", "dtype"} as stored: the manifest's "tensors"
     sources: dict       # HF name -> SourceTensor, only those converted
     ignored: list       # HF names in the checkpoint that the model does not use
     ranks: list         # RankPlan per rank
@@ -44,9 +44,9 @@ def _weights_dtype(requested, sources):
     return sources["model.embed_tokens.weight"].dtype
 
 
-def _check_sources(model, layout, sources):
+def _check_sources(used, sources):
     """The checkpoint must hold every tensor that the config implies, with the implied shape."""
-    for name, spec in global_tensors(model, layout).items():
+    for name, spec in used.items():
         if name not in sources:
             raise SourceError(f"tensor {name} is missing from the checkpoint")
         if list(sources[name].shape) != spec["shape"]:
@@ -96,13 +96,13 @@ def make_plan(source_dir, tp, dtype="auto"):
     model = normalize_config(raw_config, source=str(config_path))
     all_sources = read_tensors(source_dir)
     layout = make_layout(model, tp, _weights_dtype(dtype, all_sources))
-    _check_sources(model, layout, all_sources)
     used = global_tensors(model, layout)
+    _check_sources(used, all_sources)
     sources = {name: all_sources[name] for name in used}
     ignored = sorted(set(all_sources) - set(used))
     ranks = [_rank_plan(model, layout, rank) for rank in range(tp)]
-    return Plan(source_dir, raw_config, model, layout, _generation(raw_config, source_dir),
-                sources, ignored, ranks)
+    return Plan(source_dir, model, layout, _generation(raw_config, source_dir),
+                used, sources, ignored, ranks)
 
 
 def kv_cache_bytes_per_rank(model, layout, context):

@@ -157,19 +157,11 @@ def _manifest(plan, conversion_id, rank_entries, options, provenance_sources):
         "model": plan.model,
         "layout": plan.layout,
         "rank_files": rank_entries,
-        "tensors": {name: {"shape": list(s.shape), "dtype": _stored_dtype(plan, name)}
-                    for name, s in plan.sources.items()},
+        "tensors": plan.global_tensors,
         "generation": plan.generation,
         "provenance": {"converter": f"qwen3pack {__version__}", "options": options,
                        "sources": provenance_sources},
     }
-
-
-def _stored_dtype(plan, name):
-    for record in plan.ranks[0].header["tensors"]:
-        if any(part["source"] == name for part in record["parts"]):
-            return record["dtype"]
-    raise AssertionError(name)
 
 
 def write_directory(plan, staging, options):
