@@ -28,7 +28,7 @@ class Report:
 
 
 def _rank_problems(directory, manifest, rank):
-    """(problems, bytes) of one rank file; checksums are left to the caller."""
+    """(problems, the rank file or None when unreadable); checksums are left to the caller."""
     entry = manifest["rank_files"][rank]
     try:
         rank_file = read_rank_file(directory / entry["file"])
