@@ -42,7 +42,7 @@ def copy_of(good, tmp_path):
 def engine_args(directory):
     converted = formats.open(directory)
     return (copy.deepcopy(converted.model), copy.deepcopy(converted.layout),
-            copy.deepcopy(runtime.rank_sources(converted)))
+            copy.deepcopy(runtime.model.rank_sources(converted)))
 
 
 def make_engine(model, layout, ranks, verify_crc=False):

@@ -1,0 +1,246 @@
+"""A loaded model: the C++ engine over the mapped rank files, and its KV-cached sessions."""
+import os
+import secrets
+
+import numpy as np
+
+from .. import _core
+from .. import formats
+
+ContextLengthError = _core.ContextLengthError
+ClosedError = _core.ClosedError
+VERIFY_MODES = ("quick", "full")
+
+
+def load(directory, threads=None, max_context=4096, verify="quick"):
+    """Opens a converted directory and maps its rank files.
+
+    threads: compute threads in all (None: the CPUs this process may use); each of the W ranks
+    computes with max(1, threads // W) of them. max_context: the longest sequence (prompt and
+    generated tokens) of a session; the KV cache is sized by it, not by the model's
+    max_position_embeddings. verify: "quick" checks every header, offset, size and shape;
+    "full" also checks every tensor's CRC32C (reads all the weights once).
+    """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = _positive_int(threads, "threads")
+    max_context = _positive_int(max_context, "max_context")
+    converted = formats.open(directory)
+    engine = _make_engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
+                          verify == "full")
+    return Model(engine, converted.manifest)
+
+
+def rank_sources(converted):
+    """What the C++ engine is told about each rank file (it checks all of it again itself)."""
+    return [{
+        "path": os.path.abspath(rank_file.path),
+        "rank": rank_file.rank,
+        "world_size": rank_file.world_size,
+        "conversion_id": bytes(rank_file.conversion_id),
+        "file_size": rank_file.file_size,
+        "data_offset": rank_file.data_offset,
+        "tensors": list(rank_file.header["tensors"]),
+    } for rank_file in converted.ranks]
+
+
+def _make_engine(model, layout, ranks, threads, max_context, verify_crc):
+    try:
+        return _core.Engine(model, layout, ranks, threads, max_context, verify_crc)
+    except _core.FormatError as error:
+        raise formats.FormatError(str(error)) from None
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _token_ids(ids, vocab_size, what="ids"):
+    """A non-empty 1-D int32 array of token ids in [0, vocab_size)."""
+    array = np.asarray(ids)
+    if array.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of token ids, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{what} is empty")
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{what} must hold integers, got dtype {array.dtype}")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} in {what} is outside the vocabulary [0, {vocab_size})")
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+class Model:
+    """A loaded model (see `load`). Thread-safe: forward passes run one at a time."""
+
+    def __init__(self, engine, manifest):
+        self._engine = engine
+        self._manifest = manifest
+        self._vocab_size = manifest["model"]["vocab_size"]
+        self.max_context = engine.max_context
+        self.threads = engine.threads
+        self.world_size = engine.world_size
+
+    @property
+    def config(self):
+        """The validated model object (a dict: hidden_size, rope, layer_types, ...)."""
+        return self._manifest["model"]
+
+    @property
+    def layout(self):
+        return self._manifest["layout"]
+
+    @property
+    def generation(self):
+        """The manifest's generation settings (bos/eos/pad ids, sampling defaults)."""
+        return self._manifest.get("generation", {})
+
+    @property
+    def vocab_size(self):
+        return self._vocab_size
+
+    @property
+    def closed(self):
+        return self._engine is None or self._engine.closed
+
+    def _live(self):
+        if self.closed:
+            raise ClosedError("the model is closed")
+        return self._engine
+
+    def logits(self, ids):
+        """float32 [len(ids), vocab_size]: a fresh forward pass over one sequence."""
+        return self.logits_batch([ids])[0]
+
+    def logits_batch(self, sequences):
+        """A list of float32 [len_i, vocab_size], all sequences in ONE batched forward pass."""
+        engine = self._live()
+        arrays = [_token_ids(ids, self._vocab_size, f"sequence {i}") for i, ids in enumerate(sequences)]
+        if not arrays:
+            return []
+        return engine.logits_batch(arrays)
+
+    def session(self):
+        """A new, empty KV-cached sequence."""
+        return Session(self, self._live().new_session())
+
+    def append_batch(self, sessions, sequences):
+        """Appends sequences[i] to sessions[i] for every i in ONE batched forward pass (sessions
+        at different positions); returns the float32 logits [vocab_size] of each one's last token."""
+        engine = self._live()
+        sessions, sequences = list(sessions), list(sequences)
+        if len(sessions) != len(sequences):
+            raise ValueError(f"{len(sessions)} sessions but {len(sequences)} sequences")
+        if not sessions:
+            return []
+        cores = []
+        for i, session in enumerate(sessions):
+            if not isinstance(session, Session) or session._model is not self:
+                raise ValueError(f"sessions[{i}] is not a session of this model")
+            cores.append(session._core)
+        arrays = [_token_ids(ids, self._vocab_size, f"sequence {i}") for i, ids in enumerate(sequences)]
+        return engine.forward(cores, arrays, [False] * len(arrays))
+
+    def generate(self, ids, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                 presence_penalty=0.0, repetition_penalty=1.0, seed=None, stop_token_ids=None):
+        """Yields new token ids one by one. temperature 0 is greedy (argmax). The penalties come
+        first (repetition_penalty as transformers, over prompt and generated tokens: positive
+        logits divided, negative ones multiplied; presence_penalty subtracted from tokens already
+        generated), then temperature, top_k, top_p, min_p. The same seed gives the same tokens;
+        seed=None draws one. stop_token_ids: generation ends after yielding one of them; None
+        means the manifest's eos_token_ids, [] never stops early.
+
+        Arguments are checked at the call, before the first token is asked for."""
+        engine = self._live()
+        prompt = _token_ids(ids, self._vocab_size, "ids")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        needed = len(prompt) + max(int(max_new_tokens) - 1, 0)
+        if needed > self.max_context:
+            raise ContextLengthError(
+                f"the prompt ({len(prompt)} tokens) and max_new_tokens={max_new_tokens} need {needed} "
+                f"positions, beyond max_context = {self.max_context}")
+        if stop_token_ids is None:
+            stop_token_ids = self.generation.get("eos_token_ids") or []
+        stops = frozenset(int(t) for t in stop_token_ids)
+        if seed is None:
+            seed = secrets.randbits(64)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        try:
+            sampler = _core.Sampler(self._vocab_size, float(temperature), int(top_k), float(top_p), float(min_p),
+                                    float(presence_penalty), float(repetition_penalty), int(seed) % (1 << 64))
+        except _core.UsageError as error:
+            raise ValueError(str(error)) from None
+        sampler.add_prompt(prompt)
+        return self._generate(engine, prompt, int(max_new_tokens), sampler, stops)
+
+    def _generate(self, engine, prompt, max_new_tokens, sampler, stops):
+        if max_new_tokens == 0:
+            return
+        session = engine.new_session()
+        logits = session.append(prompt)
+        for step in range(max_new_tokens):
+            token = sampler.sample(logits)
+            sampler.accept(token)
+            yield token
+            if token in stops or step + 1 == max_new_tokens:
+                return
+            logits = session.append(np.array([token], dtype=np.int32))
+
+    def close(self):
+        """Unmaps the rank files and stops the threads. Idempotent; later use raises ClosedError."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"tp={self.world_size}, threads={self.threads}, max_context={self.max_context}"
+        return f"<qwen3pack Model {state}>"
+
+
+class Session:
+    """One sequence with its KV cache (made by Model.session())."""
+
+    def __init__(self, model, core):
+        self._model = model
+        self._core = core
+
+    @property
+    def position(self):
+        """How many tokens the sequence holds."""
+        return self._core.position
+
+    def append(self, ids):
+        """Feeds tokens; returns the float32 logits [vocab_size] of the last one."""
+        self._model._live()
+        return self._core.append(_token_ids(ids, self._model.vocab_size))
+
+    def fork(self):
+        """An independent copy of this sequence (its cache copied)."""
+        self._model._live()
+        return Session(self._model, self._core.fork())
+
+    def reset(self):
+        """Empties the sequence (position 0), keeping its memory."""
+        self._core.reset()
+
+    def __repr__(self):
+        return f"<qwen3pack Session position={self.position}>"
