@@ -13,9 +13,13 @@
 Each rank file is mapped read-only by the C++ engine, checked there again (prefix, every
 offset and size, the geometry the model implies) and computed from in place, one thread per
 rank. Errors are Python exceptions: `qwen3pack.formats.FormatError` for a bad directory or rank
-file, `ContextLengthError` past max_context, `ValueError` for bad arguments, `ClosedError`
-(a RuntimeError) after close().
+file, `ContextLengthError` past max_context, `ValueError` for bad arguments naming the argument,
+`ClosedError` (a RuntimeError) after close(), `ForkedError` (a RuntimeError) in a child forked
+after the model was loaded (the child exits cleanly, but must load its own), `NumericalError`
+(a RuntimeError) when the logits come out NaN or Inf.
 """
-from .model import VERIFY_MODES, ClosedError, ContextLengthError, Model, Session, load
+from .model import (VERIFY_MODES, ClosedError, ContextLengthError, ForkedError, Model, NumericalError, Session,
+                    load)
 
-__all__ = ["load", "Model", "Session", "ContextLengthError", "ClosedError", "VERIFY_MODES"]
+__all__ = ["load", "Model", "Session", "ContextLengthError", "ClosedError", "ForkedError", "NumericalError",
+           "VERIFY_MODES"]

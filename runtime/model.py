@@ -1,4 +1,5 @@
 """A loaded model: the C++ engine over the mapped rank files, and its KV-cached sessions."""
+import math
 import os
 import secrets
 
@@ -9,6 +10,8 @@ from .. import formats
 
 ContextLengthError = _core.ContextLengthError
 ClosedError = _core.ClosedError
+ForkedError = _core.ForkedError        # a model used in a child forked after it was loaded
+NumericalError = _core.NumericalError  # NaN or Inf logits
 VERIFY_MODES = ("quick", "full")
 
 
@@ -25,8 +28,8 @@ def load(directory, threads=None, max_context=4096, verify="quick"):
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = _positive_int(threads, "threads")
-    max_context = _positive_int(max_context, "max_context")
+    threads = _positive_int(threads, "threads", MAX_THREADS)
+    max_context = _positive_int(max_context, "max_context", MAX_CONTEXT)
     converted = formats.open(directory)
     engine = _make_engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
                           verify == "full")
@@ -53,10 +56,59 @@ def _make_engine(model, layout, ranks, threads, max_context, verify_crc):
         raise formats.FormatError(str(error)) from None
 
 
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+MAX_THREADS = 1024
+MAX_CONTEXT = 1 << 24  # the engine's limit
+
+
+def _integer(value, name, low=None, high=None):
+    """An int (or numpy integer) in [low, high]; bool and float are refused, not rounded."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value}")
     return int(value)
+
+
+def _positive_int(value, name, high=None):
+    return _integer(value, name, 1, high)
+
+
+def _number(value, name, ok, rule):
+    """A real number (int or float, not bool or str) for which ok(value) holds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return value
+
+
+def make_sampler(vocab_size, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0,
+                 repetition_penalty=1.0, seed=None):
+    """The C++ sampler for these settings, every argument checked here with a message naming it
+    (seed=None draws one)."""
+    if seed is None:
+        seed = secrets.randbits(64)
+    seed = _integer(seed, "seed")  # any integer, taken modulo 2^64
+    return _core.Sampler(
+        vocab_size,
+        _number(temperature, "temperature", lambda t: t >= 0, "a finite number >= 0 (0 is greedy)"),
+        _integer(top_k, "top_k", 0, (1 << 63) - 1),
+        _number(top_p, "top_p", lambda p: 0 < p <= 1, "in (0, 1]"),
+        _number(min_p, "min_p", lambda p: 0 <= p <= 1, "in [0, 1]"),
+        _number(presence_penalty, "presence_penalty", lambda p: True, "a finite number"),
+        _number(repetition_penalty, "repetition_penalty", lambda p: p > 0, "a finite number > 0"),
+        seed % (1 << 64))
+
+
+def _stop_token_ids(value, default, vocab_size):
+    """A frozenset of token ids from None (the default), or a list, tuple, set or array of ints."""
+    if value is None:
+        value = default
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"stop_token_ids must be a list of token ids or None, got {value!r}")
+    return frozenset(_integer(t, "stop_token_ids entry", 0, vocab_size - 1) for t in value)
 
 
 def _token_ids(ids, vocab_size, what="ids"):
@@ -158,25 +210,15 @@ class Model:
         Arguments are checked at the call, before the first token is asked for."""
         engine = self._live()
         prompt = _token_ids(ids, self._vocab_size, "ids")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        needed = len(prompt) + max(int(max_new_tokens) - 1, 0)
+        max_new_tokens = _integer(max_new_tokens, "max_new_tokens", 0)
+        needed = len(prompt) + max(max_new_tokens - 1, 0)
         if needed > self.max_context:
             raise ContextLengthError(
                 f"the prompt ({len(prompt)} tokens) and max_new_tokens={max_new_tokens} need {needed} "
                 f"positions, beyond max_context = {self.max_context}")
-        if stop_token_ids is None:
-            stop_token_ids = self.generation.get("eos_token_ids") or []
-        stops = frozenset(int(t) for t in stop_token_ids)
-        if seed is None:
-            seed = secrets.randbits(64)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
-        try:
-            sampler = _core.Sampler(self._vocab_size, float(temperature), int(top_k), float(top_p), float(min_p),
-                                    float(presence_penalty), float(repetition_penalty), int(seed) % (1 << 64))
-        except _core.UsageError as error:
-            raise ValueError(str(error)) from None
+        stops = _stop_token_ids(stop_token_ids, self.generation.get("eos_token_ids") or [], self._vocab_size)
+        sampler = make_sampler(self._vocab_size, temperature, top_k, top_p, min_p, presence_penalty,
+                               repetition_penalty, seed)
         sampler.add_prompt(prompt)
         return self._generate(engine, prompt, int(max_new_tokens), sampler, stops)
 

@@ -4,8 +4,11 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
+#include <thread>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -19,15 +22,46 @@ using namespace nb::literals;
 
 namespace {
 
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+
+// Runs fn() without the GIL. A daemon thread may still be computing when the interpreter exits,
+// and taking the GIL back then ends the thread by a forced unwind, which C++ frames that cannot
+// unwind turn into std::terminate (SIGABRT): such a thread parks instead, as the process is
+// exiting. During finalization the GIL is kept, so that no parked thread is woken up to that end.
+template <class F>
+auto without_gil(F&& fn) -> decltype(fn()) {
+  if (interpreter_finalizing()) return fn();
+  PyThreadState* state = PyEval_SaveThread();
+  auto take_gil_back = [state] {
+    while (interpreter_finalizing()) std::this_thread::sleep_for(std::chrono::hours(1));
+    PyEval_RestoreThread(state);
+  };
+  try {
+    if constexpr (std::is_void_v<decltype(fn())>) {
+      fn();
+      take_gil_back();
+    } else {
+      auto result = fn();
+      take_gil_back();
+      return result;
+    }
+  } catch (...) {
+    take_gil_back();
+    throw;
+  }
+}
+
 // Accepts any object with the buffer protocol (bytes, memoryview, numpy arrays, mmap).
 uint32_t crc32c_of_buffer(nb::handle buffer, uint32_t crc) {
   Py_buffer view;
   if (PyObject_GetBuffer(buffer.ptr(), &view, PyBUF_SIMPLE) != 0) throw nb::python_error();
-  uint32_t result;
-  {
-    nb::gil_scoped_release release;
-    result = q3p::crc32c(crc, view.buf, static_cast<size_t>(view.len));
-  }
+  const uint32_t result = without_gil([&] { return q3p::crc32c(crc, view.buf, static_cast<size_t>(view.len)); });
   PyBuffer_Release(&view);
   return result;
 }
@@ -222,16 +256,32 @@ FloatArray make_array(std::vector<float>&& v, std::vector<size_t> shape) {
 
 // ---- Objects ----
 
+// In a child forked after the engine was made, the engine's threads and locks are the parent's:
+// destroying it would join threads that do not exist (a hang). The child keeps it forever.
+void abandon(std::shared_ptr<q3p::Engine>& engine) { new std::shared_ptr<q3p::Engine>(std::move(engine)); }
+
+q3p::Engine& live(const std::shared_ptr<q3p::Engine>& engine) {
+  if (!engine || engine->closed()) throw q3p::ClosedError("the model is closed");
+  if (engine->forked())
+    throw q3p::ForkedError("this model was loaded before the process forked: its compute threads exist only in "
+                           "the parent, so a forked child cannot use it; load it again in the child (or use the "
+                           "'spawn' start method of multiprocessing)");
+  return *engine;
+}
+
 struct Session {
   std::shared_ptr<q3p::Engine> engine;
   std::unique_ptr<q3p::KVCache> cache;
+  ~Session() {
+    if (engine && engine->forked()) abandon(engine);
+  }
 };
 
 struct EngineHandle {
   std::shared_ptr<q3p::Engine> engine;
-  q3p::Engine& get() const {
-    if (!engine || engine->closed()) throw q3p::ClosedError("the model is closed");
-    return *engine;
+  q3p::Engine& get() const { return live(engine); }
+  ~EngineHandle() {
+    if (engine && engine->forked()) abandon(engine);
   }
 };
 
@@ -241,11 +291,7 @@ std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::
   std::vector<q3p::ForwardRequest> batch(caches.size());
   for (size_t i = 0; i < caches.size(); ++i)
     batch[i] = {caches[i], ids[i].data(), ids[i].size(), all_logits[i]};
-  std::vector<float> out;
-  {
-    nb::gil_scoped_release release;
-    out = engine.forward(batch);
-  }
+  std::vector<float> out = without_gil([&] { return engine.forward(batch); });
   const size_t vocab = static_cast<size_t>(engine.model().vocab_size);
   std::vector<FloatArray> result;
   size_t row = 0;
@@ -271,27 +317,27 @@ NB_MODULE(_core, m) {
   nb::exception<q3p::UsageError>(m, "UsageError", PyExc_ValueError);
   nb::exception<q3p::ContextLengthError>(m, "ContextLengthError", PyExc_ValueError);
   nb::exception<q3p::ClosedError>(m, "ClosedError", PyExc_RuntimeError);
+  nb::exception<q3p::ForkedError>(m, "ForkedError", PyExc_RuntimeError);
+  nb::exception<q3p::NumericalError>(m, "NumericalError", PyExc_RuntimeError);
 
   nb::class_<Session>(m, "Session", "A sequence with its KV cache (made by Engine.new_session).")
       .def_prop_ro("position", [](const Session& s) { return s.cache->position(); })
       .def("append",
            [](Session& s, const IdArray& ids, bool all_logits) {
-             if (!s.engine || s.engine->closed()) throw q3p::ClosedError("the model is closed");
-             auto r = run_forward(*s.engine, {s.cache.get()}, {ids_of(ids)}, {all_logits});
+             auto r = run_forward(live(s.engine), {s.cache.get()}, {ids_of(ids)}, {all_logits});
              return r[0];
            },
            "ids"_a, "all_logits"_a = false,
            "Feeds tokens; returns float32 logits [vocab] of the last one ([n, vocab] with all_logits).")
       .def("fork",
            [](const Session& s) {
-             if (!s.engine || s.engine->closed()) throw q3p::ClosedError("the model is closed");
              auto copy = std::make_unique<Session>();
+             copy->cache = live(s.engine).copy_cache(*s.cache);
              copy->engine = s.engine;
-             copy->cache = s.engine->copy_cache(*s.cache);
              return copy.release();
            },
            nb::rv_policy::take_ownership, "An independent copy of this sequence.")
-      .def("reset", [](Session& s) { s.engine->reset_cache(*s.cache); }, "Empties the sequence.");
+      .def("reset", [](Session& s) { live(s.engine).reset_cache(*s.cache); }, "Empties the sequence.");
 
   nb::class_<EngineHandle>(m, "Engine", "The model's rank files, mapped and checked, and the threads computing them.")
       .def("__init__",
@@ -305,19 +351,15 @@ NB_MODULE(_core, m) {
              opt.threads = threads;
              opt.max_context = max_context;
              opt.verify_crc = verify_crc;
-             std::shared_ptr<q3p::Engine> engine;
-             {
-               nb::gil_scoped_release release;
-               engine = std::make_shared<q3p::Engine>(mc, lc, sources, opt);
-             }
+             auto engine = without_gil([&] { return std::make_shared<q3p::Engine>(mc, lc, sources, opt); });
              new (self) EngineHandle{std::move(engine)};
            },
            "model"_a, "layout"_a, "ranks"_a, "threads"_a, "max_context"_a, "verify_crc"_a)
       .def("close",
            [](EngineHandle& h) {
              if (!h.engine) return;
-             nb::gil_scoped_release release;  // waits for a forward in flight
-             h.engine->close();
+             if (h.engine->forked()) return abandon(h.engine);
+             without_gil([&] { h.engine->close(); });  // waits for a forward in flight
            })
       .def_prop_ro("closed", [](const EngineHandle& h) { return !h.engine || h.engine->closed(); })
       .def_prop_ro("vocab_size", [](const EngineHandle& h) { return h.get().model().vocab_size; })

@@ -19,6 +19,14 @@ struct UsageError : std::runtime_error {
 struct ContextLengthError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+// The model was loaded before this process forked: it belongs to the parent.
+struct ForkedError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// The forward pass produced NaN or Inf logits.
+struct NumericalError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 // The model was closed: its files are unmapped.
 struct ClosedError : std::runtime_error {
   using std::runtime_error::runtime_error;

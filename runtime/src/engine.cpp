@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <set>
+
+#include <pthread.h>
 
 #include "kernels.h"
 
@@ -11,11 +14,19 @@ namespace q3p {
 
 namespace {
 std::atomic<uint64_t> next_engine_id{1};
-}
+
+// Counts the forks this process came out of as a child: an engine made before a fork finds its
+// rank threads missing in the child (only the forking thread is copied).
+std::atomic<uint64_t> forks_as_child{0};
+void count_fork_in_child() { forks_as_child.fetch_add(1); }
+std::once_flag fork_handler_registered;
+}  // namespace
 
 Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector<RankSource>& ranks,
                const EngineOptions& options)
     : model_(model), layout_(layout), max_context_(options.max_context), id_(next_engine_id++) {
+  std::call_once(fork_handler_registered, [] { pthread_atfork(nullptr, nullptr, count_fork_in_child); });
+  forks_at_creation_ = forks_as_child.load();
   validate_model(model_);
   const int64_t W = static_cast<int64_t>(ranks.size());
   if (W < 1) throw FormatError("no rank files");
@@ -58,6 +69,8 @@ Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector
 }
 
 Engine::~Engine() { close(); }
+
+bool Engine::forked() const { return forks_as_child.load() != forks_at_creation_; }
 
 void Engine::close() {
   std::lock_guard<std::mutex> lock(mu_);
@@ -193,8 +206,18 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
       const size_t count = std::min(V, vocab - begin);
       std::memcpy(out.data() + s * vocab + begin, gathered_.data() + (r * S + s) * V, count * sizeof(float));
     }
+  check_finite(out);
   for (const Seq& s : seqs_) s.cache->set_position(s.pos0 + static_cast<int64_t>(s.n));
   return out;
+}
+
+// NaN or Inf logits would sample token 0 forever: stop instead (the caches are not advanced).
+void Engine::check_finite(const std::vector<float>& logits) const {
+  for (size_t i = 0; i < logits.size(); ++i)
+    if (!std::isfinite(logits[i]))
+      throw NumericalError("the logits are not finite (" + std::to_string(logits[i]) + " for token " +
+                           std::to_string(i % static_cast<size_t>(model_.vocab_size)) +
+                           "): the model's weights hold NaN or Inf values, or its activations overflowed");
 }
 
 void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, float* y) {

@@ -55,6 +55,9 @@ class Engine {
   int threads() const { return threads_per_rank_ * static_cast<int>(layout_.world_size); }
   int threads_per_rank() const { return threads_per_rank_; }
   bool closed() const { return closed_.load(); }
+  // True in a child forked after the engine was made: its threads and locks are the parent's,
+  // so the child must neither use it nor destroy it (see bindings.cpp).
+  bool forked() const;
   // Unmaps the files and stops the threads; later calls throw ClosedError. Idempotent.
   void close();
 
@@ -65,7 +68,8 @@ class Engine {
   // Runs the new tokens of every request through the model and advances their caches.
   // Returns the logits, vocab_size floats per row: for each request in order, one row per new
   // token (all_logits) or one row (its last token). Throws (before any compute) UsageError for
-  // a bad request, ContextLengthError past max_context, ClosedError after close().
+  // a bad request, ContextLengthError past max_context, ClosedError after close(); and
+  // NumericalError, after the compute, when the logits are not finite.
   std::vector<float> forward(const std::vector<ForwardRequest>& batch);
 
  private:
@@ -81,6 +85,7 @@ class Engine {
   };
 
   void check_request(const std::vector<ForwardRequest>& batch);
+  void check_finite(const std::vector<float>& logits) const;
   void rank_forward(int rank);
   void matmul(int rank, const float* x, size_t n, const TensorView& w, float* y);
   void attention(int rank, int64_t layer);
@@ -92,6 +97,7 @@ class Engine {
   int64_t max_context_;
   int threads_per_rank_;
   uint64_t id_;
+  uint64_t forks_at_creation_ = 0;
   KVGeometry kv_geometry_;
   RopeTables rope_;
   float attn_scale_;

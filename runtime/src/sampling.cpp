@@ -85,8 +85,11 @@ int32_t Sampler::sample(const float* logits) {
       if (x[i] > x[best]) best = i;
     return static_cast<int32_t>(best);
   }
-  const float inv_t = static_cast<float>(1.0 / p_.temperature);
-  for (size_t i = 0; i < n; ++i) x[i] *= inv_t;
+  // The temperature divides differences to the best logit, in double, never the logits
+  // themselves: logit / T overflows to inf for a tiny T, and (x - top) / T <= 0 cannot, so a tiny
+  // T tends to greedy as it should. Dividing by T > 0 keeps the order, so candidates are ranked
+  // on the raw logits.
+  const double temperature = p_.temperature;
 
   // Candidates in a fixed order: by logit descending, ties by id (only when a filter needs it).
   order_.resize(n);
@@ -112,7 +115,7 @@ int32_t Sampler::sample(const float* logits) {
     weights_.resize(count);
     *total = 0.0;
     for (size_t i = 0; i < count; ++i) {
-      weights_[i] = std::exp(static_cast<double>(x[order_[i]]) - top);
+      weights_[i] = std::exp((static_cast<double>(x[order_[i]]) - top) / temperature);
       *total += weights_[i];
     }
   };
