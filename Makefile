@@ -13,7 +13,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# Build requirements first: the project is then built without isolation, incrementally.
 	$(PIP) install -q "scikit-build-core>=0.10" "nanobind>=2.0" ninja cmake
-	$(PIP) install -q numpy safetensors click huggingface_hub jsonschema tokenizers jinja2
+	$(PIP) install -q numpy safetensors click huggingface_hub jsonschema tokenizers jinja2 ml_dtypes
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.deps

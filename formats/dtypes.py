@@ -1,7 +1,9 @@
 """The element types of format v1 and conversions between them, on numpy arrays.
 
-numpy has no bfloat16, so bf16 data travels as its raw uint16 bits.
+Inside the converter bf16 data travels as its raw uint16 bits; values handed to users are
+ml_dtypes.bfloat16 arrays (numpy's bfloat16, as JAX and TensorFlow use it).
 """
+import ml_dtypes
 import numpy as np
 
 # name -> (element size in bytes, numpy dtype that holds the raw elements)
@@ -25,6 +27,11 @@ def storage_dtype(dtype):
     return DTYPES[dtype][1]
 
 
+def values_dtype(dtype):
+    """The numpy dtype of the values: bf16 as ml_dtypes.bfloat16 (same bytes as the storage)."""
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bf16" else storage_dtype(dtype)
+
+
 def to_float32(raw, dtype):
     """Values of `raw` (elements stored as `dtype`) as float32."""
     if dtype == "bf16":
@@ -34,13 +41,7 @@ def to_float32(raw, dtype):
 
 def float32_to_bf16_bits(values):
     """Round float32 to bfloat16 (nearest, ties to even, as torch does); returns uint16 bits."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
-    out = (rounded >> 16).astype(np.uint16)
-    nan = np.isnan(values)
-    if nan.any():
-        out[nan] = ((bits[nan] >> 16) | np.uint32(0x0040)).astype(np.uint16)  # keep NaN a quiet NaN
-    return out
+    return np.asarray(values, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 class DtypeOverflow(ValueError):

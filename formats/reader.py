@@ -3,8 +3,6 @@
 Checks are generators of problem sentences, so that `open` can stop at the first one and
 `validate` can list them all.
 """
-import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -13,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import _core, schema
-from .dtypes import element_size, storage_dtype
+from .dtypes import element_size, values_dtype
+from .files import MAX_JSON_BYTES, open_regular, parse_json, read_json
 from .layout import LayoutError, global_tensors, make_layout, rank_tensors
 from .rankfile import (DATA_ALIGNMENT, MAGIC, PREFIX, TENSOR_ALIGNMENT, VERSION, FormatError,
                        Prefix, crc_hex, rank_file_name)
@@ -37,12 +36,12 @@ class RankFile:
     file_size = property(lambda self: self.prefix.file_size)
 
     def array(self, name):
-        """A read-only memory-mapped view of one tensor (bf16 as its uint16 bits)."""
+        """A read-only memory-mapped view of one tensor's values (bf16 as ml_dtypes.bfloat16)."""
         record = self.tensors[name]
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._mmap[record["offset"]:record["offset"] + record["nbytes"]]
-        return raw.view(storage_dtype(record["dtype"])).reshape(record["shape"])
+        return raw.view(values_dtype(record["dtype"])).reshape(record["shape"])
 
 
 @dataclass
@@ -72,14 +71,8 @@ def read_manifest(directory):
     directory = Path(directory)
     if not directory.is_dir():
         raise FormatError(f"{directory}: not a directory")
-    path = directory / MANIFEST
-    what = str(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{what}: missing") from None
-    except (OSError, ValueError, RecursionError) as error:  # RecursionError: hostile nesting
-        raise FormatError(f"{what}: not readable JSON: {error}") from None
+    what = str(directory / MANIFEST)
+    manifest = read_json(directory / MANIFEST, what, FormatError)
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if isinstance(version, list) and len(version) == 2 and all(isinstance(v, int) for v in version):
         _first(_version_problems(what, *version))  # before the schema, which knows only this major
@@ -116,13 +109,12 @@ def _manifest_problems(what, manifest):
         yield f"{what}: tensors does not list the global tensors that the model and layout imply"
 
 
-def read_prefix(path, what):
-    """The checked 64-byte prefix of a rank file."""
-    actual_size = os.path.getsize(path)
+def read_prefix(f, what):
+    """The checked 64-byte prefix of the opened rank file `f`."""
+    actual_size = os.fstat(f.fileno()).st_size
     if actual_size < PREFIX.size:
         raise FormatError(f"{what}: truncated: {actual_size} bytes, shorter than the 64-byte prefix")
-    with io.open(path, "rb") as f:
-        magic, *fields = PREFIX.unpack(f.read(PREFIX.size))
+    magic, *fields = PREFIX.unpack(_read_at(f, 0, PREFIX.size, what))
     if magic != MAGIC:
         raise FormatError(f"{what}: not a qwen3pack rank file (magic {magic!r})")
     prefix = Prefix(*fields)
@@ -136,27 +128,34 @@ def read_prefix(path, what):
     if not PREFIX.size + prefix.header_length <= prefix.data_offset <= prefix.file_size:
         raise FormatError(f"{what}: header_length {prefix.header_length} and data_offset "
                           f"{prefix.data_offset} do not fit in {prefix.file_size} bytes")
+    if prefix.header_length > MAX_JSON_BYTES:  # a sparse file can declare any size: bound the allocation
+        raise FormatError(f"{what}: header_length {prefix.header_length} is more than the "
+                          f"{MAX_JSON_BYTES} bytes a reader accepts")
     if prefix.world_size < 1 or prefix.rank >= prefix.world_size:
         raise FormatError(f"{what}: rank {prefix.rank} of world size {prefix.world_size}")
     return prefix
+
+
+def _read_at(f, offset, length, what):
+    try:
+        data = os.pread(f.fileno(), length, offset)
+    except OSError as e:
+        raise FormatError(f"{what}: cannot be read: {e.strerror}") from None
+    if len(data) != length:
+        raise FormatError(f"{what}: truncated while reading")
+    return data
 
 
 def read_rank_file(path):
     """A rank file with its prefix and header checked on their own (not yet against a manifest)."""
     path = Path(path)
     what = path.name
-    if not path.is_file():
-        raise FormatError(f"{what}: missing")
-    prefix = read_prefix(path, what)
-    with io.open(path, "rb") as f:
-        f.seek(PREFIX.size)
-        encoded = f.read(prefix.header_length)
+    with open_regular(path, what, FormatError) as f:
+        prefix = read_prefix(f, what)
+        encoded = _read_at(f, PREFIX.size, prefix.header_length, what)
     if _core.crc32c(encoded) != prefix.header_crc32c:
         raise FormatError(f"{what}: header checksum mismatch (the header is damaged)")
-    try:
-        header = json.loads(encoded)
-    except (ValueError, RecursionError) as error:  # RecursionError: hostile nesting
-        raise FormatError(f"{what}: header is not JSON: {error}") from None
+    header = parse_json(encoded, f"{what}: header", FormatError)
     _validate_schema(header, "rank_header", what)
     tensors = {record["name"]: record for record in header["tensors"]}
     if len(tensors) != len(header["tensors"]):
@@ -194,7 +193,6 @@ def _record_problems(rank_file, model, layout, rank):
         extra = sorted(set(rank_file.tensors) - set(expected_names))
         yield f"{what}: tensor list differs from the layout (missing {missing}, unexpected {extra}, or out of order)"
     expected_by_name = {t["name"]: t for t in expected}
-    previous_end = rank_file.prefix.data_offset
     for record in records:
         name, offset, nbytes = record["name"], record["offset"], record["nbytes"]
         want = expected_by_name.get(name)
@@ -206,29 +204,58 @@ def _record_problems(rank_file, model, layout, rank):
             yield f"{what}: tensor {name}: nbytes {nbytes} does not match shape {record['shape']} of {record['dtype']}"
         if offset % TENSOR_ALIGNMENT:
             yield f"{what}: tensor {name}: offset {offset} is not a multiple of {TENSOR_ALIGNMENT}"
-        if offset < previous_end:
-            yield f"{what}: tensor {name}: offset {offset} overlaps the header or the previous tensor (which ends at {previous_end})"
-        if offset + nbytes > rank_file.prefix.file_size:
+        if offset < rank_file.data_offset:
+            yield f"{what}: tensor {name}: offset {offset} lies in the header, before data_offset {rank_file.data_offset}"
+        if not in_bounds(record, rank_file):
             yield (f"{what}: tensor {name}: bytes [{offset}, {offset + nbytes}) lie outside the file "
                    f"({rank_file.prefix.file_size} bytes)")
-        previous_end = max(previous_end, offset + nbytes)
+    # Each record against the next one only: a single bad offset gives one line, not a cascade.
+    # Records in increasing offset order, each pair of neighbours apart, means no overlap at all.
+    placed = [r for r in records if in_bounds(r, rank_file)]
+    for before, after in zip(placed, placed[1:]):
+        if after["offset"] < before["offset"] + before["nbytes"]:
+            yield (f"{what}: tensor {after['name']}: offset {after['offset']} overlaps tensor {before['name']} "
+                   f"(bytes [{before['offset']}, {before['offset'] + before['nbytes']})) or comes before it")
+
+
+def in_bounds(record, rank_file):
+    """Whether a record's bytes lie in the data section (the only records whose bytes are read)."""
+    return rank_file.data_offset <= record["offset"] and record["offset"] + record["nbytes"] <= rank_file.file_size
 
 
 def checksum_problems(rank_file):
-    """Recomputes every tensor's CRC32C (reading, not mapping, so no pages stay resident)."""
+    """Recomputes every tensor's CRC32C (reading, not mapping, so no pages stay resident). Records
+    outside the file are skipped: the structure checks report them."""
     what = rank_file.path.name
     buffer = bytearray(CHECKSUM_CHUNK)
-    with io.open(rank_file.path, "rb", buffering=0) as f:
+    try:
+        f = open_regular(rank_file.path, what, FormatError)
+    except FormatError as error:
+        yield str(error)
+        return
+    with f:
         for record in rank_file.header["tensors"]:
-            crc, remaining, offset = 0, record["nbytes"], record["offset"]
-            while remaining:
-                n = os.preadv(f.fileno(), [memoryview(buffer)[:min(remaining, CHECKSUM_CHUNK)]], offset)
-                if n <= 0:
-                    break
-                crc = _core.crc32c(memoryview(buffer)[:n], crc)
-                remaining, offset = remaining - n, offset + n
-            if crc_hex(crc) != record["crc32c"]:
+            if not in_bounds(record, rank_file):
+                continue
+            try:
+                crc = _crc_of_range(f.fileno(), record["offset"], record["nbytes"], buffer)
+            except OSError as e:
+                yield f"{what}: tensor {record['name']}: cannot be read: {e.strerror}"
+                continue
+            if crc != record["crc32c"]:
                 yield f"{what}: tensor {record['name']}: checksum mismatch (the data is damaged)"
+
+
+def _crc_of_range(fd, offset, nbytes, buffer):
+    """The CRC32C of [offset, offset + nbytes) of `fd` as 8 hex digits (None past a short read)."""
+    crc, remaining = 0, nbytes
+    while remaining:
+        n = os.preadv(fd, [memoryview(buffer)[:min(remaining, len(buffer))]], offset)
+        if n <= 0:
+            return None  # the file shrank since it was opened
+        crc = _core.crc32c(memoryview(buffer)[:n], crc)
+        remaining, offset = remaining - n, offset + n
+    return crc_hex(crc)
 
 
 def open(directory):
@@ -246,12 +273,12 @@ def open(directory):
 
 def gather(directory, name):
     """The global Hugging Face tensor `name`, rebuilt from the slices that the ranks hold (in the
-    stored dtype; bf16 as uint16 bits). Copies of replicated slices must agree."""
+    stored dtype: bf16 as ml_dtypes.bfloat16, numpy's bf16). Copies of replicated slices must agree."""
     converted = directory if isinstance(directory, ConvertedModel) else open(directory)
     if name not in converted.manifest["tensors"]:
         raise KeyError(f"{converted.path}: no tensor {name}")
     spec = converted.manifest["tensors"][name]
-    out = np.zeros(spec["shape"], dtype=storage_dtype(spec["dtype"]))
+    out = np.zeros(spec["shape"], dtype=values_dtype(spec["dtype"]))
     filled = {}  # axis slice (start, end) or None -> source rank file, for replica checks
     for rank_file in converted.ranks:
         for record in rank_file.header["tensors"]:
@@ -271,7 +298,7 @@ def gather(directory, name):
                     target = tuple(target)
                 key = (axis, start, end)
                 if key in filled:
-                    if not np.array_equal(out[target], piece):
+                    if not _same_bits(out[target], piece):
                         raise FormatError(f"{rank_file.path.name}: tensor {record['name']}: its copy of "
                                           f"{name}[{start}:{end}] differs from {filled[key]}'s")
                     continue
@@ -279,6 +306,12 @@ def gather(directory, name):
                 filled[key] = rank_file.path.name
     _first(_coverage_problems(name, spec["shape"], filled))
     return out
+
+
+def _same_bits(a, b):
+    """Replica copies must be the same bytes (-0.0 is not 0.0, a NaN may have any payload)."""
+    bits = np.dtype(f"u{a.dtype.itemsize}")
+    return np.array_equal(a.view(bits), b.view(bits))
 
 
 def _coverage_problems(name, shape, filled):

@@ -1,6 +1,7 @@
 """Converting and gathering back gives every source tensor exactly (after the dtype asked for)."""
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -23,10 +24,11 @@ def source_tensors(directory):
 
 
 def as_stored(tensor, dtype):
-    """The bits qwen3pack should store for a source tensor converted to `dtype`."""
+    """The values qwen3pack should store for a source tensor converted to `dtype` (bf16 as
+    ml_dtypes.bfloat16, which is what gather returns)."""
     converted = tensor.to(TORCH_DTYPES[dtype])
     if dtype == "bf16":
-        return converted.view(torch.int16).numpy().view(np.uint16)
+        return converted.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return converted.numpy()
 
 
@@ -51,7 +53,9 @@ def test_gather_gives_back_every_source_tensor(tmp_path, checkpoints, tp, source
     for name, tensor in expected.items():
         stored_dtype = "f32" if tensor.ndim == 1 else weights_dtype
         got = formats.gather(converted, name)
-        np.testing.assert_array_equal(got, as_stored(tensor, stored_dtype), err_msg=name)
+        want = as_stored(tensor, stored_dtype)
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 def test_kv_heads_are_replicated_when_tp_exceeds_them(tmp_path, checkpoints):
@@ -116,3 +120,14 @@ def test_qkv_rows_are_the_ranks_q_heads_then_k_heads_then_v_heads(tmp_path, chec
     qkv = formats.open(tmp_path / "out").ranks[1].array("model.layers.1.self_attn.qkv_proj.weight")
     d = 16
     np.testing.assert_array_equal(qkv, np.concatenate([q[4 * d:8 * d], k[d:2 * d], v[d:2 * d]]))
+
+
+def test_gather_returns_bf16_values_that_compare_with_the_float32_source(tmp_path, checkpoints):
+    """The most common dtype must compare by value: np.allclose against the source just works."""
+    source = checkpoints(**SMALL)  # float32 weights
+    convert(source, tmp_path / "out", tp=2, dtype="bf16")
+    gathered = formats.gather(tmp_path / "out", "model.layers.1.mlp.down_proj.weight")
+    original = load_file(source / "model.safetensors")["model.layers.1.mlp.down_proj.weight"].numpy()
+    assert gathered.dtype == ml_dtypes.bfloat16 and gathered.shape == original.shape
+    assert np.allclose(gathered.astype(np.float32), original, rtol=2 ** -8, atol=0)
+    assert not np.allclose(gathered.astype(np.float32), -original, rtol=2 ** -8, atol=0)
