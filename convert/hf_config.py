@@ -69,7 +69,7 @@ def normalize_config(raw, source="config.json"):
     num_key_value_heads = _num_key_value_heads(config, source)
     sliding_window = config["sliding_window"] if config["use_sliding_window"] else None
     layer_types = _layer_types(config, sliding_window, source)
-    return {
+    model = {
         "architecture": "qwen3",
         "hidden_size": config["hidden_size"],
         "intermediate_size": config["intermediate_size"],
@@ -86,6 +86,31 @@ def normalize_config(raw, source="config.json"):
         "tie_word_embeddings": config["tie_word_embeddings"],
         "hidden_act": config["hidden_act"],
     }
+    _check_model_rules(model, source)
+    return model
+
+
+def _check_model_rules(model, source):
+    """The model object must pass the rules that the reader and the runtime apply to it (the
+    manifest schema's model definition), so that nothing converts that will not load. The
+    config's own schema names most problems by their config.json field first; this catches the
+    rest (a resolved YaRN factor, a non-finite value) under the model object's name."""
+    for path, value in _numbers(model):
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: resolves to model.{path} = {value}, which is not a finite number")
+    try:
+        validate(model, "model", f"{source}: resolves to a model object whose")
+    except SchemaError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _numbers(node, path=""):
+    """(dotted path, value) of every number in a nested object."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _numbers(value, f"{path}.{key}" if path else key)
+    elif isinstance(node, float):
+        yield path, node
 
 
 def generation_hints(raw):

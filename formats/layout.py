@@ -3,6 +3,7 @@ tensors: the per-rank layout of SPEC.md, written down once for the converter (to
 reader (to check)."""
 
 NORM_DTYPE = "f32"
+MAX_WORLD_SIZE = 4096  # the runtime's limit, and the manifest schema's
 
 
 def _part(source, axis, start, end, at, replicas):
@@ -137,8 +138,8 @@ def make_layout(model, world_size, dtype):
     Raises LayoutError, naming the field, when the heads, the KV heads or the MLP rows do not
     split evenly.
     """
-    if world_size < 1:
-        raise LayoutError(f"world_size: {world_size} ranks; tensor parallelism needs at least 1")
+    if not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise LayoutError(f"world_size: {world_size} ranks; tensor parallelism runs 1 to {MAX_WORLD_SIZE}")
     heads, kv_heads = model["num_attention_heads"], model["num_key_value_heads"]
     _require_split("num_attention_heads", heads, world_size)
     if world_size > kv_heads:

@@ -5,6 +5,8 @@ Schemas, by the name `validate` takes:
 - "qwen3_config": a Hugging Face Qwen3 config.json
 - "manifest": manifest.json of a converted directory
 - "rank_header": the JSON header of a rank file (it shares the manifest's definitions)
+- "model": the model object alone (the manifest's definition): the one set of model rules that
+  the converter, the reader and the C++ loader apply
 """
 import json
 from functools import cache
@@ -15,6 +17,8 @@ from jsonschema.exceptions import best_match
 from referencing import Registry, Resource
 
 SCHEMA_NAMES = ("qwen3_config", "manifest", "rank_header")
+# Definitions inside a schema file, validated on their own.
+SUBSCHEMAS = {"model": "manifest.schema.json#/$defs/model"}
 
 
 class SchemaError(ValueError):
@@ -75,6 +79,8 @@ def _registry():
 
 @cache
 def _validator(schema_name):
+    if schema_name in SUBSCHEMAS:
+        return _Validator({"$ref": SUBSCHEMAS[schema_name]}, registry=_registry())
     if schema_name not in SCHEMA_NAMES:
-        raise KeyError(f"no schema named {schema_name!r}; there are {', '.join(SCHEMA_NAMES)}")
+        raise KeyError(f"no schema named {schema_name!r}; there are {', '.join(SCHEMA_NAMES + tuple(SUBSCHEMAS))}")
     return _Validator(_registry()[_file_name(schema_name)].contents, registry=_registry())

@@ -11,22 +11,28 @@ void need(bool ok, const std::string& what) {
 }
 }  // namespace
 
+// The same rules as the manifest schema's model definition (schema/manifest.schema.json), which
+// the converter and `qwen3pack validate` apply: what converts and validates also loads.
 void validate_model(const ModelConfig& m) {
   const int64_t kMaxDim = int64_t(1) << 24;  // keeps every product below in 64 bits
-  auto pos = [&](int64_t v, const char* name) {
-    need(v > 0 && v <= kMaxDim, std::string(name) + " = " + std::to_string(v) + " is out of range");
+  const int64_t kMaxLayers = 1024;
+  auto in_range = [&](int64_t v, int64_t max, const char* name) {
+    need(v > 0 && v <= max, std::string(name) + " = " + std::to_string(v) + " is out of range [1, " +
+                                std::to_string(max) + "]");
   };
+  auto pos = [&](int64_t v, const char* name) { in_range(v, kMaxDim, name); };
   pos(m.hidden_size, "hidden_size");
   pos(m.intermediate_size, "intermediate_size");
-  pos(m.num_hidden_layers, "num_hidden_layers");
+  in_range(m.num_hidden_layers, kMaxLayers, "num_hidden_layers");
   pos(m.num_attention_heads, "num_attention_heads");
   pos(m.num_key_value_heads, "num_key_value_heads");
   pos(m.head_dim, "head_dim");
   pos(m.vocab_size, "vocab_size");
+  pos(m.max_position_embeddings, "max_position_embeddings");
   need(m.head_dim % 2 == 0, "head_dim must be even for rotary embeddings");
   need(m.num_attention_heads % m.num_key_value_heads == 0,
        "num_attention_heads must be a multiple of num_key_value_heads");
-  need(std::isfinite(m.rms_norm_eps) && m.rms_norm_eps >= 0, "rms_norm_eps must be a finite number >= 0");
+  need(std::isfinite(m.rms_norm_eps) && m.rms_norm_eps > 0, "rms_norm_eps must be a finite number > 0");
   need(static_cast<int64_t>(m.sliding.size()) == m.num_hidden_layers,
        "layer_types must have one entry per layer");
   bool any_sliding = std::find(m.sliding.begin(), m.sliding.end(), true) != m.sliding.end();
@@ -34,7 +40,7 @@ void validate_model(const ModelConfig& m) {
   const RopeConfig& r = m.rope;
   need(std::isfinite(r.theta) && r.theta > 1.0, "rope theta must be > 1");
   if (r.type != RopeType::Default)
-    need(std::isfinite(r.factor) && r.factor > 0, "rope factor must be > 0");
+    need(std::isfinite(r.factor) && r.factor >= 1, "rope factor must be >= 1");
   if (r.type == RopeType::Yarn) {
     need(std::isfinite(r.original_max_position_embeddings) && r.original_max_position_embeddings > 0,
          "yarn original_max_position_embeddings must be > 0");
