@@ -1,6 +1,7 @@
 """Opening files that may be hostile: only regular files, never blocking on a FIFO, every length
 bounded before anything is allocated, JSON parsed strictly."""
 import json
+import math
 import os
 import stat
 
@@ -45,11 +46,18 @@ def _refuse_constant(name):
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON syntax, but no double holds it
+        raise ValueError(f"{text} is beyond the range of a double")
+    return value
+
+
 def parse_json(data, what, error):
     """The JSON value of `data`: strict (NaN and Infinity, which Python's json accepts, are
-    refused) and safe against hostile nesting."""
+    refused, and so are numbers beyond a double) and safe against hostile nesting."""
     try:
-        return json.loads(data, parse_constant=_refuse_constant)
+        return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise error(f"{what}: not valid JSON: {e}") from None
 
