@@ -16,8 +16,10 @@ TENSOR_ALIGNMENT = 64
 DATA_ALIGNMENT = 4096
 
 
-class FormatError(ValueError):
-    """A converted model that does not follow the format; the message names the file and tensor."""
+# A converted model that does not follow the format; the message names the file and tensor. One
+# class (a ValueError) for the readers here and the C++ loader, which also raises it while computing
+# when a rank file is truncated under a loaded model.
+FormatError = _core.FormatError
 
 
 def align_up(value, alignment):

@@ -31,7 +31,7 @@ def load(directory, threads=None, max_context=4096, verify="quick"):
     threads = _positive_int(threads, "threads", MAX_THREADS)
     max_context = _positive_int(max_context, "max_context", MAX_CONTEXT)
     converted = formats.open(directory)
-    engine = _make_engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
+    engine = _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
                           verify == "full")
     return Model(engine, converted.manifest)
 

@@ -1,5 +1,6 @@
 """The runtime in the situations that used to hang, abort or answer wrongly: a fork, an exit
 during a forward pass, tiny temperatures, NaN weights, and arguments of the wrong type or range."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -205,3 +206,37 @@ def test_load_names_a_bad_argument(model_dir, kwargs, message):
 def test_token_ids_of_the_wrong_kind_are_refused(model, ids, message):
     with pytest.raises(ValueError, match=message):
         model.generate(ids, 4)
+
+
+# ---- files changed under a loaded model ----------------------------------------------------
+
+def test_a_rank_file_truncated_under_a_loaded_model_is_an_error_not_a_crash(model_dir, tmp_path):
+    import shutil
+    shutil.copytree(model_dir, tmp_path / "m")
+    with runtime.load(tmp_path / "m", threads=2) as m:
+        before = m.logits([1, 2, 3])
+        victim = tmp_path / "m" / "rank-00001-of-00002.q3p"
+        os.truncate(victim, 4096)  # keeps the prefix; every weight page is gone
+        for _ in range(2):  # and stays an error: the lost pages read as zeros
+            with pytest.raises(formats.FormatError, match=f"{victim}: the file was truncated while the model "
+                                                          "was loaded"):
+                m.logits([1, 2, 3])
+    assert before.shape == (3, 384)
+
+
+def test_a_sigbus_elsewhere_still_kills_the_process(model_dir):
+    # The guard only takes faults inside its mappings: any other SIGBUS keeps its default action.
+    result = run_python(f"""
+        import mmap, os, tempfile
+        import qwen3pack
+        m = qwen3pack.load({str(model_dir)!r}, threads=1)
+        m.logits([1])
+        with tempfile.TemporaryFile() as f:
+            f.truncate(8192)
+            view = mmap.mmap(f.fileno(), 8192)
+            f.truncate(0)
+            print("about to fault", flush=True)
+            view[4096]
+        print("survived")
+    """)
+    assert result.stdout == "about to fault\n" and result.returncode == -7  # SIGBUS

@@ -206,9 +206,19 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
       const size_t count = std::min(V, vocab - begin);
       std::memcpy(out.data() + s * vocab + begin, gathered_.data() + (r * S + s) * V, count * sizeof(float));
     }
+  check_files_intact();
   check_finite(out);
   for (const Seq& s : seqs_) s.cache->set_position(s.pos0 + static_cast<int64_t>(s.n));
   return out;
+}
+
+// A rank file truncated under the mapping read as zeros where pages were lost: the logits are
+// wrong, and every later forward would be too.
+void Engine::check_files_intact() const {
+  for (const MappedFile& f : files_)
+    if (f.damaged())
+      throw FormatError(f.path() + ": the file was truncated while the model was loaded (its lost pages read as "
+                        "zeros); load the model again from intact files");
 }
 
 // NaN or Inf logits would sample token 0 forever: stop instead (the caches are not advanced).

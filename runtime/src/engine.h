@@ -69,7 +69,8 @@ class Engine {
   // Returns the logits, vocab_size floats per row: for each request in order, one row per new
   // token (all_logits) or one row (its last token). Throws (before any compute) UsageError for
   // a bad request, ContextLengthError past max_context, ClosedError after close(); and
-  // NumericalError, after the compute, when the logits are not finite.
+  // after the compute, FormatError when a rank file was truncated under the mapping and
+  // NumericalError when the logits are not finite.
   std::vector<float> forward(const std::vector<ForwardRequest>& batch);
 
  private:
@@ -85,6 +86,7 @@ class Engine {
   };
 
   void check_request(const std::vector<ForwardRequest>& batch);
+  void check_files_intact() const;
   void check_finite(const std::vector<float>& logits) const;
   void rank_forward(int rank);
   void matmul(int rank, const float* x, size_t n, const TensorView& w, float* y);

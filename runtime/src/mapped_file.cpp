@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "crc32c.h"
+#include "mapping_guard.h"
 
 namespace q3p {
 
@@ -40,12 +41,16 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
     throw FormatError(path + ": cannot map: " + std::strerror(e));
   }
   data_ = static_cast<const uint8_t*>(p);
+  guard_slot_ = guard_mapping(data_, size_);
 }
 
+bool MappedFile::damaged() const { return mapping_damaged(guard_slot_); }
+
 MappedFile::MappedFile(MappedFile&& o) noexcept
-    : path_(std::move(o.path_)), data_(o.data_), size_(o.size_) {
+    : path_(std::move(o.path_)), data_(o.data_), size_(o.size_), guard_slot_(o.guard_slot_) {
   o.data_ = nullptr;
   o.size_ = 0;
+  o.guard_slot_ = -1;
 }
 
 MappedFile& MappedFile::operator=(MappedFile&& o) noexcept {
@@ -54,8 +59,10 @@ MappedFile& MappedFile::operator=(MappedFile&& o) noexcept {
     path_ = std::move(o.path_);
     data_ = o.data_;
     size_ = o.size_;
+    guard_slot_ = o.guard_slot_;
     o.data_ = nullptr;
     o.size_ = 0;
+    o.guard_slot_ = -1;
   }
   return *this;
 }
@@ -63,6 +70,8 @@ MappedFile& MappedFile::operator=(MappedFile&& o) noexcept {
 MappedFile::~MappedFile() { unmap(); }
 
 void MappedFile::unmap() {
+  unguard_mapping(guard_slot_);  // before the range can be mapped again by someone else
+  guard_slot_ = -1;
   if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
   data_ = nullptr;
   size_ = 0;

@@ -35,11 +35,15 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  // True once the file was truncated under the mapping and a read hit a lost page, which then
+  // read as zeros (see mapping_guard.h).
+  bool damaged() const;
 
  private:
   std::string path_;
   const uint8_t* data_ = nullptr;
   uint64_t size_ = 0;
+  int guard_slot_ = -1;
 };
 
 // What the caller (the manifest) says the file must be.
