@@ -49,13 +49,6 @@ def rank_sources(converted):
     } for rank_file in converted.ranks]
 
 
-def _make_engine(model, layout, ranks, threads, max_context, verify_crc):
-    try:
-        return _core.Engine(model, layout, ranks, threads, max_context, verify_crc)
-    except _core.FormatError as error:
-        raise formats.FormatError(str(error)) from None
-
-
 MAX_THREADS = 1024
 MAX_CONTEXT = 1 << 24  # the engine's limit
 
