@@ -104,6 +104,13 @@ def _stop_token_ids(value, default, vocab_size):
     return frozenset(_integer(t, "stop_token_ids entry", 0, vocab_size - 1) for t in value)
 
 
+def _list(value, name):
+    """A list of the items of a list-like argument (a string or a number is refused)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return list(value)
+
+
 def _token_ids(ids, vocab_size, what="ids"):
     """A non-empty 1-D int32 array of token ids in [0, vocab_size)."""
     array = np.asarray(ids)
@@ -165,7 +172,8 @@ class Model:
     def logits_batch(self, sequences):
         """A list of float32 [len_i, vocab_size], all sequences in ONE batched forward pass."""
         engine = self._live()
-        arrays = [_token_ids(ids, self._vocab_size, f"sequence {i}") for i, ids in enumerate(sequences)]
+        arrays = [_token_ids(ids, self._vocab_size, f"sequence {i}")
+                  for i, ids in enumerate(_list(sequences, "sequences"))]
         if not arrays:
             return []
         return engine.logits_batch(arrays)
@@ -178,7 +186,7 @@ class Model:
         """Appends sequences[i] to sessions[i] for every i in ONE batched forward pass (sessions
         at different positions); returns the float32 logits [vocab_size] of each one's last token."""
         engine = self._live()
-        sessions, sequences = list(sessions), list(sequences)
+        sessions, sequences = _list(sessions, "sessions"), _list(sequences, "sequences")
         if len(sessions) != len(sequences):
             raise ValueError(f"{len(sessions)} sessions but {len(sequences)} sequences")
         if not sessions:

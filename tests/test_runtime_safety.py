@@ -208,6 +208,17 @@ def test_token_ids_of_the_wrong_kind_are_refused(model, ids, message):
         model.generate(ids, 4)
 
 
+@pytest.mark.parametrize("call,message", [
+    (lambda m: m.logits_batch(5), "sequences must be a list, got 5"),
+    (lambda m: m.logits_batch("12"), "sequences must be a list, got '12'"),
+    (lambda m: m.append_batch(m.session(), [[1]]), "sessions must be a list"),
+    (lambda m: m.append_batch([m.session()], 7), "sequences must be a list, got 7"),
+])
+def test_batch_calls_name_an_argument_that_is_not_a_list(model, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(model)
+
+
 # ---- files changed under a loaded model ----------------------------------------------------
 
 def test_a_rank_file_truncated_under_a_loaded_model_is_an_error_not_a_crash(model_dir, tmp_path):
