@@ -124,7 +124,7 @@ def read_safetensors_header(path):
         raise SourceError(f"{path.name}: safetensors header is not a JSON object")
     _check_metadata(path, header.pop("__metadata__", {}))
     data_start = 8 + header_length
-    tensors = {name: _source_tensor(path, name, entry, data_start) for name, entry in header.items()}
+    tensors = {name: _source_tensor(path, name, entry, data_start, size) for name, entry in header.items()}
     _check_contiguous(path, tensors.values(), data_start, size)
     return tensors
 
@@ -138,7 +138,7 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _source_tensor(path, name, entry, data_start):
+def _source_tensor(path, name, entry, data_start, size):
     where = f"{path.name}: tensor {name}"
     if not isinstance(entry, dict):
         raise SourceError(f"{where}: its entry is not a JSON object")
@@ -152,22 +152,23 @@ def _source_tensor(path, name, entry, data_start):
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) and n >= 0 for n in offsets)):
         raise SourceError(f"{where}: data_offsets {offsets!r} is not two non-negative integers")
     begin, end = offsets
-    nbytes = _element_count(shape, bound=end) * element_size(dtype)
-    if end - begin != nbytes:
-        takes = nbytes if nbytes <= end else f"more than {end}"
+    count = _element_count(shape, bound=size - data_start)
+    nbytes = None if count is None else count * element_size(dtype)
+    if nbytes is None or end - begin != nbytes:
+        takes = f"more than the file's {size - data_start} bytes of data" if nbytes is None else nbytes
         raise SourceError(f"{where}: data_offsets {offsets} hold {end - begin} bytes, but shape {shape} "
                           f"of {dtype} takes {takes}")
     return SourceTensor(name, path, dtype, tuple(shape), data_start + begin, nbytes)
 
 
 def _element_count(shape, bound):
-    """The product of `shape`, or some number above `bound` once it exceeds it (a hostile shape's
-    product can have millions of digits)."""
+    """The product of `shape`, None once it exceeds `bound` (a hostile shape's product can have
+    millions of digits)."""
     count = 0 if 0 in shape else 1
     for n in shape:
-        if count > bound:
-            break
         count *= n
+        if count > bound:
+            return None
     return count
 
 
