@@ -19,7 +19,8 @@ def convert(source, output, tp=1, dtype="auto", force=False):
     source_dir = resolve(str(source))
     plan = make_plan(source_dir, tp, dtype)
     options = {"tp": tp, "dtype": dtype}
-    commit_atomically(output, force, source_dir, lambda staging: write_directory(plan, staging, options))
+    sources = [source_dir, *plan.files, *plan.copied_files]
+    commit_atomically(output, force, sources, lambda staging: write_directory(plan, staging, options))
     return plan
 
 

@@ -24,12 +24,13 @@ MAX_MANIFEST_BYTES = 64 << 20
 UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
-def commit_atomically(output, force, source_dir, fill):
-    """Runs fill(staging) on a new directory beside `output`, then puts it in place. On any error
+def commit_atomically(output, force, sources, fill):
+    """Runs fill(staging) on a new directory beside `output`, then puts it in place; `sources`
+    (the checkpoint's folder and files) are never replaced, nor what contains them. On any error
     or interrupt the staging directory is removed and `output` is as it was; an interrupt while
     OUTPUT is being put in place is raised once it is, as Interrupted(output_complete=True)."""
     output = real_parent(output)
-    replaced = check_output(output, source_dir, force)
+    replaced = check_output(output, sources, force)
     with conversion_signals() as signals:
         staging = _make_staging(output, signals)
         try:
@@ -39,7 +40,7 @@ def commit_atomically(output, force, source_dir, fill):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         with signals.held() as held:
-            _put_in_place(staging, output, replaced, source_dir)
+            _put_in_place(staging, output, replaced, sources)
             signals.output_complete = True
         if held.signum is not None:
             raise Interrupted(held.signum, output_complete=True)
@@ -54,7 +55,7 @@ def real_parent(output):
     return Path(os.path.realpath(path.parent)) / path.name
 
 
-def check_output(output, source_dir, force):
+def check_output(output, sources, force):
     """The stat of the qwen3pack directory at `output` that --force replaces, or None when
     nothing is there; anything else is refused. Creates `output`'s parent."""
     _make_parent(output)
@@ -71,7 +72,7 @@ def check_output(output, source_dir, force):
                               "even with --force")
     if not force:
         raise ConversionError(f"{output}: already exists (use --force to replace it)")
-    _check_replaceable(output, found, source_dir)
+    _check_replaceable(output, found, sources)
     return found
 
 
@@ -84,7 +85,7 @@ def _make_parent(output):
         raise ConversionError(f"{output}: cannot create its parent {output.parent}: {error.strerror}") from None
 
 
-def _check_replaceable(path, expected, source_dir):
+def _check_replaceable(path, expected, sources):
     """Refuses unless `path` is still the directory `expected` (an lstat), holds a qwen3pack
     manifest, and neither is nor contains the source checkpoint."""
     try:
@@ -93,19 +94,28 @@ def _check_replaceable(path, expected, source_dir):
         found = None
     if found is None or not stat.S_ISDIR(found.st_mode) or not os.path.samestat(found, expected):
         raise ConversionError(f"{path}: changed while converting; left as it is")
-    source = Path(os.path.realpath(source_dir))
     # by inode, not by name: a bind mount or a hard-linked path is the same directory
-    if any(os.path.samestat(found, os.stat(folder)) for folder in [source, *source.parents]):
+    if any(os.path.samestat(found, os.stat(folder)) for folder in _folders_holding(sources)):
         raise ConversionError(f"{path}: is the source checkpoint or contains it; never replaced")
     if not _is_qwen3pack_output(path):
         raise ConversionError(f"{path}: not a qwen3pack output (its {MANIFEST} does not say "
                               '"format": "qwen3pack"); --force replaces only those')
 
 
-def _still_replaceable(path, expected, source_dir):
+def _folders_holding(sources):
+    """Every folder that holds one of `sources` (the checkpoint's folder and its files), at any
+    depth, through symlinks: a hub snapshot's files link to blobs elsewhere in the cache."""
+    for source in sources:
+        real = Path(os.path.realpath(source))
+        yield from real.parents
+        if real.is_dir():
+            yield real
+
+
+def _still_replaceable(path, expected, sources):
     """Whether what a rename took out of OUTPUT, now at `path`, is the directory checked before."""
     try:
-        _check_replaceable(path, expected, source_dir)
+        _check_replaceable(path, expected, sources)
     except ConversionError:
         return False
     return True
@@ -133,7 +143,7 @@ def _make_staging(output, signals):
     return staging
 
 
-def _put_in_place(staging, output, replaced, source_dir):
+def _put_in_place(staging, output, replaced, sources):
     """Renames `staging` to `output`; `replaced` is the stat of the directory that it replaces,
     None when `output` must not exist. On failure `staging` is gone and `output` is as it was."""
     if replaced is None:
@@ -153,17 +163,17 @@ def _put_in_place(staging, output, replaced, source_dir):
         if error.errno not in UNSUPPORTED:
             shutil.rmtree(staging)
             raise ConversionError(f"{output}: could not be replaced: {error.strerror}; left as it is") from None
-        _replace_by_renames(staging, output, replaced, source_dir)
+        _replace_by_renames(staging, output, replaced, sources)
         return
     # `staging` now names what was at OUTPUT: deleted only if it is still the directory checked
-    if not _still_replaceable(staging, replaced, source_dir):
+    if not _still_replaceable(staging, replaced, sources):
         _rename_exchange(staging, output)
         shutil.rmtree(staging)
         raise ConversionError(f"{output}: changed while converting; left as it is")
     _remove_replaced(staging, output)
 
 
-def _replace_by_renames(staging, output, replaced, source_dir):
+def _replace_by_renames(staging, output, replaced, sources):
     """The replacement where the filesystem cannot exchange two paths: OUTPUT is renamed aside,
     checked, and renamed back if anything fails before the new directory is in its place."""
     retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
@@ -174,7 +184,7 @@ def _replace_by_renames(staging, output, replaced, source_dir):
         shutil.rmtree(staging)
         raise ConversionError(f"{output}: could not be replaced: {error.strerror}; left as it is") from None
     try:
-        if not _still_replaceable(retired, replaced, source_dir):
+        if not _still_replaceable(retired, replaced, sources):
             raise ConversionError(f"{output}: changed while converting; left as it is")
         os.rename(staging, output)
     except BaseException:

@@ -231,11 +231,11 @@ def copied_files(directory):
     return present
 
 
-def read_bytes_into(fd, buffer, offset):
-    """Fills `buffer` from `fd` at `offset`, failing on a short read."""
+def read_bytes_into(file, buffer, offset, path):
+    """Fills `buffer` from `file` (opened from `path`) at `offset`, failing on a short read."""
     view = memoryview(buffer).cast("B")
     while len(view):
-        n = os.preadv(fd, [view], offset)
+        n = os.preadv(file.fileno(), [view], offset)
         if n <= 0:
-            raise SourceError(f"short read at offset {offset}")
+            raise SourceError(f"{path.name}: ends at byte {offset}, before its tensors do (it was truncated)")
         view, offset = view[n:], offset + n

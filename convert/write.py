@@ -111,7 +111,7 @@ def _stream_tensor(source, dests, buffer, progress):
         for first in range(0, rows_total, rows_per_chunk):
             count = min(rows_per_chunk, rows_total - first)
             chunk = memoryview(buffer)[:count * row_bytes]
-            read_bytes_into(f.fileno(), chunk, source.offset + first * row_bytes)
+            read_bytes_into(f, chunk, source.offset + first * row_bytes, source.file)
             raw = np.frombuffer(chunk, dtype=storage_dtype(source.dtype)).reshape(count, -1)
             _check_finite(raw, source, first)
             converted = {}

@@ -69,6 +69,18 @@ def test_force_onto_a_folder_containing_the_source_is_refused_even_with_a_qwen3p
     assert contents(parent) == before
 
 
+def test_force_onto_a_qwen3pack_output_holding_the_files_that_the_source_links_to_is_refused(source, tmp_path):
+    # as a hub snapshot's files link to the cache's blobs
+    store = tmp_path / "store"
+    convert(source, store)
+    (source / "model.safetensors").rename(store / "blob")
+    (source / "model.safetensors").symlink_to(store / "blob")
+    before = contents(store)
+    result = run_cli(source, store, "--force")
+    assert result.returncode == 1 and "is the source checkpoint or contains it" in result.stderr
+    assert contents(store) == before
+
+
 def test_force_replaces_only_a_directory_that_qwen3pack_wrote(source, tmp_path):
     other = tmp_path / "photos"
     other.mkdir()

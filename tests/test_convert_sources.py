@@ -236,3 +236,17 @@ def test_the_largest_finite_values_convert(tmp_path):
     tensors["model.norm.weight"][:2] = torch.tensor([torch.finfo(torch.bfloat16).max, -torch.finfo(torch.bfloat16).max], dtype=torch.bfloat16)
     save_file(tensors, source / "model.safetensors")
     convert(source, tmp_path / "out")
+
+
+def test_a_source_file_truncated_while_converting_is_named(source, tmp_path, monkeypatch):
+    from qwen3pack.convert import SourceError
+    original = write._stream_all
+
+    def truncate_then_stream(*args):
+        os.truncate(source / "model.safetensors", 4096)
+        return original(*args)
+
+    monkeypatch.setattr(write, "_stream_all", truncate_then_stream)
+    with pytest.raises(SourceError, match="model.safetensors: ends at byte .*, before its tensors do"):
+        convert(source, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [source]
