@@ -188,10 +188,20 @@ def _replace_by_renames(staging, output, replaced, sources):
             raise ConversionError(f"{output}: changed while converting; left as it is")
         os.rename(staging, output)
     except BaseException:
-        os.rename(retired, output)
-        shutil.rmtree(staging)
+        try:
+            _put_back(retired, output)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     _remove_replaced(retired, output)
+
+
+def _put_back(retired, output):
+    try:
+        os.rename(retired, output)
+    except OSError as error:  # says where the old output is rather than leave it hidden unsaid
+        raise ConversionError(f"{output}: could not be put back from {retired}, where it is now: "
+                              f"{error.strerror}") from None
 
 
 def _remove_replaced(path, output):

@@ -289,3 +289,21 @@ def test_a_signal_mid_conversion_leaves_a_complete_output_or_the_one_before_and_
         assert (process.returncode, stderr.strip()) in [(128 + signum, f"interrupted: {out} is complete"),
                                                         (-signum, "")]
         assert validate(out).ok and len(list(out.glob("*.q3p"))) == 2
+
+
+def test_an_old_output_that_cannot_be_put_back_is_named_where_it_is(source, tmp_path, monkeypatch):
+    convert(source, tmp_path / "out", tp=2)
+    monkeypatch.setattr(output, "_renameat2", renameat2_unsupported)
+    rename = os.rename
+
+    def failing_rename(a, b):
+        if ".partial-" in str(a) or ".replaced-" in str(a):
+            raise OSError(errno.EIO, "I/O error (injected)")
+        rename(a, b)
+
+    monkeypatch.setattr(output.os, "rename", failing_rename)
+    with pytest.raises(ConversionError, match=r"out: could not be put back from .*/\.out\.replaced-\w+, where it is now"):
+        convert(source, tmp_path / "out", tp=1, force=True)
+    monkeypatch.undo()
+    [retired] = hidden_leftovers(tmp_path)
+    assert validate(tmp_path / retired).ok and not (tmp_path / "out").exists()
