@@ -59,22 +59,27 @@ def resolve(source):
 
 def open_regular(path):
     """A binary file object on the regular file at `path`. Anything else (a directory, a FIFO, a
-    device) is refused without reading from it; opening never blocks (O_NONBLOCK, which a regular
-    file ignores)."""
+    device) is refused before it is opened, since opening some devices acts on them; and opening
+    never blocks (O_NONBLOCK, which a regular file ignores) should a FIFO take the file's place."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise SourceError(f"{path}: {_kind(os.stat(path).st_mode)}, not a regular file")
+        _check_regular(path, os.stat(path).st_mode)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SourceError(f"{path}: missing") from None
     except OSError as error:
         raise SourceError(f"{path}: cannot be read: {error.strerror}") from None
     file = os.fdopen(fd, "rb", buffering=0)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # replaced since the stat
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+    except SourceError:
         file.close()
-        raise SourceError(f"{path}: {_kind(mode)}, not a regular file")
+        raise
     return file
+
+
+def _check_regular(path, mode):
+    if not stat.S_ISREG(mode):
+        raise SourceError(f"{path}: {_kind(mode)}, not a regular file")
 
 
 def _kind(mode):
@@ -90,7 +95,7 @@ def _kind(mode):
 def read_json(path, max_bytes):
     """The JSON value in the regular file at `path`, refused when larger than `max_bytes`."""
     with open_regular(path) as f:
-        data = f.read(max_bytes + 1)
+        data = f.read(min(os.fstat(f.fileno()).st_size, max_bytes) + 1)
     if len(data) > max_bytes:
         raise SourceError(f"{path.name}: larger than {max_bytes} bytes, too large for this file")
     try:

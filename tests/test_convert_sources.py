@@ -250,3 +250,18 @@ def test_a_source_file_truncated_while_converting_is_named(source, tmp_path, mon
     with pytest.raises(SourceError, match="model.safetensors: ends at byte .*, before its tensors do"):
         convert(source, tmp_path / "out")
     assert list(tmp_path.iterdir()) == [source]
+
+
+def test_an_os_error_while_writing_is_one_error_line(source, tmp_path, monkeypatch):
+    import errno
+    from click.testing import CliRunner
+    from qwen3pack.cli import main
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(write, "_write_rows", disk_full)
+    result = CliRunner().invoke(main, ["convert", str(source), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: [Errno 28] No space left on device"
+    assert list(tmp_path.iterdir()) == [source]

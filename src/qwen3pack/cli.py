@@ -35,7 +35,8 @@ def main():
 @click.option("--dry-run", is_flag=True, help="Print the plan (file sizes, memory per rank) and write nothing.")
 @click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Context length for the dry run's KV-cache estimate.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT if it is a directory that qwen3pack wrote (never the source, a symlink or a file).")
 def convert_command(source, output, tp, dtype, dry_run, context, force):
     """Convert SOURCE (a local checkpoint directory or a hub id) into OUTPUT."""
     from . import convert
