@@ -79,7 +79,7 @@ def _generation(raw_config, source_dir):
     }
 
 
-def _is_token_id(value):
+def _is_non_negative_int(value):
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -91,7 +91,7 @@ def _is_number(value):
 # (and the sampler) accepts.
 SAMPLING_RULES = {
     "temperature": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
-    "top_k": ("an integer >= 0", _is_token_id),
+    "top_k": ("an integer >= 0", _is_non_negative_int),
     "top_p": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
     "min_p": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
     "repetition_penalty": ("a number > 0", lambda v: _is_number(v) and v > 0),
@@ -104,10 +104,10 @@ def _check_generation_config(config, name):
     if not isinstance(config, dict):
         raise SourceError(f"{name}: not a JSON object")
     for key in ("bos_token_id", "pad_token_id"):
-        if config.get(key) is not None and not _is_token_id(config[key]):
+        if config.get(key) is not None and not _is_non_negative_int(config[key]):
             raise SourceError(f"{name}: {key}: {config[key]!r} is not a token id (an integer >= 0)")
     eos = config.get("eos_token_id")
-    if eos is not None and not (_is_token_id(eos) or isinstance(eos, list) and all(map(_is_token_id, eos))):
+    if eos is not None and not (_is_non_negative_int(eos) or isinstance(eos, list) and all(map(_is_non_negative_int, eos))):
         raise SourceError(f"{name}: eos_token_id: {eos!r} is not a token id or a list of them")
     if config.get("do_sample") is not None and not isinstance(config["do_sample"], bool):
         raise SourceError(f"{name}: do_sample: {config['do_sample']!r} is not true or false")
