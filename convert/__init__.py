@@ -5,9 +5,11 @@ Reads config.json and the safetensors headers, plans every rank file, then strea
 from .hf_config import ConfigError
 from .plan import DTYPE_CHOICES, describe, make_plan
 from .source import SourceError, resolve
-from .write import ConversionError, commit_atomically, write_directory
+from .interrupts import Interrupted
+from .output import commit_atomically
+from .write import ConversionError, write_directory
 
-__all__ = ["convert", "dry_run", "ConfigError", "ConversionError", "SourceError", "DTYPE_CHOICES"]
+__all__ = ["convert", "dry_run", "ConfigError", "ConversionError", "Interrupted", "SourceError", "DTYPE_CHOICES"]
 
 
 def convert(source, output, tp=1, dtype="auto", force=False):
@@ -17,7 +19,8 @@ def convert(source, output, tp=1, dtype="auto", force=False):
     source_dir = resolve(str(source))
     plan = make_plan(source_dir, tp, dtype)
     options = {"tp": tp, "dtype": dtype}
-    commit_atomically(output, force, lambda staging: write_directory(plan, staging, options))
+    sources = [source_dir, *plan.files, *plan.copied_files]
+    commit_atomically(output, force, sources, lambda staging: write_directory(plan, staging, options))
     return plan
 
 

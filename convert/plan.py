@@ -1,6 +1,5 @@
 """The conversion plan: every rank file's header, offsets and size, made from config.json and the
 safetensors headers alone, before a byte of weights is read."""
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,11 +7,13 @@ from pathlib import Path
 from ..formats.dtypes import element_size
 from ..formats.layout import global_tensors, make_layout, rank_tensors
 from ..formats.rankfile import crc_hex, plan_offsets
-from .hf_config import generation_hints, normalize_config, read_config
-from .source import SourceError, read_tensors
+from .hf_config import generation_hints, normalize_config
+from .source import SourceError, copied_files, read_json, read_tensors, source_files
 
 DTYPE_CHOICES = ("auto", "bf16", "f16", "f32")
 KV_CACHE_DTYPE = "f32"  # the runtime keeps keys and values in f32
+MAX_CONFIG_BYTES = 1 << 20  # config.json and generation_config.json: a few kB in practice
+EMBEDDING = "model.embed_tokens.weight"
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Plan:
     sources: dict       # HF name -> SourceTensor, only those converted
     ignored: list       # HF names in the checkpoint that the model does not use
     ranks: list         # RankPlan per rank
+    files: list         # the source files that define the conversion, for provenance
+    copied_files: list  # tokenizer and generation files carried into the output
 
     @property
     def tensor_count(self):
@@ -41,7 +44,9 @@ class Plan:
 def _weights_dtype(requested, sources):
     if requested != "auto":
         return requested
-    return sources["model.embed_tokens.weight"].dtype
+    if EMBEDDING not in sources:
+        raise SourceError(f"tensor {EMBEDDING} is missing from the checkpoint (--dtype auto keeps its dtype)")
+    return sources[EMBEDDING].dtype
 
 
 def _check_sources(used, sources):
@@ -55,17 +60,16 @@ def _check_sources(used, sources):
 
 
 def _generation(raw_config, source_dir):
+    """The manifest's "generation": the token ids and sampling defaults of generation_config.json,
+    else the token ids of config.json (which its schema has checked)."""
     hints = generation_hints(raw_config)
     path = source_dir / "generation_config.json"
-    try:
-        config = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError as error:
-        raise SourceError(f"{path.name}: not a JSON file: {error}") from None
+    config = read_json(path, MAX_CONFIG_BYTES) if path.exists() else {}
+    _check_generation_config(config, path.name)
     eos = config.get("eos_token_id", hints["eos_token_ids"])
     defaults = {"temperature": 0.0}
     if config.get("do_sample"):
-        defaults = {key: config[key] for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-                    if config.get(key) is not None}
+        defaults = {key: config[key] for key in SAMPLING_RULES if config.get(key) is not None}
         defaults.setdefault("temperature", 1.0)
     return {
         "bos_token_id": config.get("bos_token_id", hints["bos_token_id"]),
@@ -73,6 +77,43 @@ def _generation(raw_config, source_dir):
         "pad_token_id": config.get("pad_token_id", hints["pad_token_id"]),
         "defaults": defaults,
     }
+
+
+def _is_non_negative_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The sampling defaults taken from generation_config.json, each with what the manifest's schema
+# (and the sampler) accepts.
+SAMPLING_RULES = {
+    "temperature": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "top_k": ("an integer >= 0", _is_non_negative_int),
+    "top_p": ("a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1),
+    "min_p": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    "repetition_penalty": ("a number > 0", lambda v: _is_number(v) and v > 0),
+}
+
+
+def _check_generation_config(config, name):
+    """The fields of generation_config.json that go into the manifest, checked here, before any
+    weight is streamed, so that a problem is reported against this file and its field."""
+    if not isinstance(config, dict):
+        raise SourceError(f"{name}: not a JSON object")
+    for key in ("bos_token_id", "pad_token_id"):
+        if config.get(key) is not None and not _is_non_negative_int(config[key]):
+            raise SourceError(f"{name}: {key}: {config[key]!r} is not a token id (an integer >= 0)")
+    eos = config.get("eos_token_id")
+    if eos is not None and not (_is_non_negative_int(eos) or isinstance(eos, list) and all(map(_is_non_negative_int, eos))):
+        raise SourceError(f"{name}: eos_token_id: {eos!r} is not a token id or a list of them")
+    if config.get("do_sample") is not None and not isinstance(config["do_sample"], bool):
+        raise SourceError(f"{name}: do_sample: {config['do_sample']!r} is not true or false")
+    for key, (expected, accepts) in SAMPLING_RULES.items():
+        if config.get(key) is not None and not accepts(config[key]):
+            raise SourceError(f"{name}: {key}: {config[key]!r} is not {expected}")
 
 
 def _rank_plan(model, layout, rank):
@@ -92,7 +133,7 @@ def make_plan(source_dir, tp, dtype="auto"):
     config_path = source_dir / "config.json"
     if not config_path.exists():
         raise SourceError(f"{source_dir}: no config.json")
-    raw_config = read_config(config_path)
+    raw_config = read_json(config_path, MAX_CONFIG_BYTES)
     model = normalize_config(raw_config, source=str(config_path))
     all_sources = read_tensors(source_dir)
     layout = make_layout(model, tp, _weights_dtype(dtype, all_sources))
@@ -102,7 +143,7 @@ def make_plan(source_dir, tp, dtype="auto"):
     ignored = sorted(set(all_sources) - set(used))
     ranks = [_rank_plan(model, layout, rank) for rank in range(tp)]
     return Plan(source_dir, model, layout, _generation(raw_config, source_dir),
-                used, sources, ignored, ranks)
+                used, sources, ignored, ranks, source_files(source_dir, all_sources), copied_files(source_dir))
 
 
 def kv_cache_bytes_per_rank(model, layout, context):

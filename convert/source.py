@@ -5,6 +5,7 @@ Only safetensors headers are read here; the converter streams the bytes later, w
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ SINGLE = "model.safetensors"
 COPIED_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                 "merges.txt", "chat_template.jinja", "generation_config.json"]
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+MAX_INDEX_BYTES = MAX_HEADER_BYTES  # an index lists no more than the headers do
 
 
 class SourceError(ValueError):
@@ -55,41 +57,140 @@ def resolve(source):
         raise SourceError(f"{source}: could not download from the hub: {error}") from None
 
 
+def open_regular(path):
+    """A binary file object on the regular file at `path`. Anything else (a directory, a FIFO, a
+    device) is refused before it is opened, since opening some devices acts on them; and opening
+    never blocks (O_NONBLOCK, which a regular file ignores) should a FIFO take the file's place."""
+    try:
+        _check_regular(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: missing") from None
+    except OSError as error:
+        raise SourceError(f"{path}: cannot be read: {error.strerror}") from None
+    file = os.fdopen(fd, "rb", buffering=0)
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+    except SourceError:
+        file.close()
+        raise
+    return file
+
+
+def _check_regular(path, mode):
+    if not stat.S_ISREG(mode):
+        raise SourceError(f"{path}: {_kind(mode)}, not a regular file")
+
+
+def _kind(mode):
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def read_json(path, max_bytes):
+    """The JSON value in the regular file at `path`, refused when larger than `max_bytes`."""
+    with open_regular(path) as f:
+        data = f.read(min(os.fstat(f.fileno()).st_size, max_bytes) + 1)
+    if len(data) > max_bytes:
+        raise SourceError(f"{path.name}: larger than {max_bytes} bytes, too large for this file")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise SourceError(f"{path.name}: not a JSON file: nested too deeply") from None
+    except ValueError as error:
+        raise SourceError(f"{path.name}: not a JSON file: {error}") from None
+
+
 def read_safetensors_header(path):
-    """{name: SourceTensor} of one safetensors file, every offset checked against its size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    """{name: SourceTensor} of one safetensors file, checked as the safetensors library checks it:
+    the tensors' bytes are contiguous from the start of the data to its end, each of exactly the
+    size its shape and dtype give."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise SourceError(f"{path.name}: truncated safetensors file ({size} bytes)")
         (header_length,) = struct.unpack("<Q", head)
         if header_length > min(MAX_HEADER_BYTES, size - 8):
             raise SourceError(f"{path.name}: safetensors header length {header_length} does not fit the file")
-        try:
-            header = json.loads(f.read(header_length))
-        except (ValueError, RecursionError) as error:  # RecursionError: hostile nesting
-            raise SourceError(f"{path.name}: safetensors header is not JSON: {error}") from None
+        header_bytes = f.read(header_length)
+    try:
+        header = json.loads(header_bytes)
+    except RecursionError:
+        raise SourceError(f"{path.name}: safetensors header is not JSON: nested too deeply") from None
+    except ValueError as error:
+        raise SourceError(f"{path.name}: safetensors header is not JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path.name}: safetensors header is not a JSON object")
+    _check_metadata(path, header.pop("__metadata__", {}))
     data_start = 8 + header_length
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        tensors[name] = _source_tensor(path, name, entry, data_start, size)
+    tensors = {name: _source_tensor(path, name, entry, data_start, size) for name, entry in header.items()}
+    _check_contiguous(path, tensors.values(), data_start, size)
     return tensors
 
 
+def _check_metadata(path, metadata):
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise SourceError(f"{path.name}: __metadata__ is not an object of strings")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _source_tensor(path, name, entry, data_start, size):
-    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+    where = f"{path.name}: tensor {name}"
+    if not isinstance(entry, dict):
+        raise SourceError(f"{where}: its entry is not a JSON object")
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
-        raise SourceError(f"{path.name}: tensor {name}: dtype {entry.get('dtype')} is not one of "
-                          f"{sorted(SAFETENSORS_DTYPES)}")
-    shape = tuple(entry["shape"])
-    begin, end = entry["data_offsets"]
-    nbytes = math.prod(shape) * element_size(dtype)
-    if not (0 <= begin <= end and end - begin == nbytes and data_start + end <= size):
-        raise SourceError(f"{path.name}: tensor {name}: data_offsets {entry['data_offsets']} do not "
-                          f"match shape {list(shape)} or lie outside the file")
-    return SourceTensor(name, path, dtype, shape, data_start + begin, nbytes)
+        raise SourceError(f"{where}: dtype {entry.get('dtype')!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and all(_is_int(n) and n >= 0 for n in shape)):
+        raise SourceError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) and n >= 0 for n in offsets)):
+        raise SourceError(f"{where}: data_offsets {offsets!r} is not two non-negative integers")
+    begin, end = offsets
+    count = _element_count(shape, bound=size - data_start)
+    nbytes = None if count is None else count * element_size(dtype)
+    if nbytes is None or end - begin != nbytes:
+        takes = f"more than the file's {size - data_start} bytes of data" if nbytes is None else nbytes
+        raise SourceError(f"{where}: data_offsets {offsets} hold {end - begin} bytes, but shape {shape} "
+                          f"of {dtype} takes {takes}")
+    return SourceTensor(name, path, dtype, tuple(shape), data_start + begin, nbytes)
+
+
+def _element_count(shape, bound):
+    """The product of `shape`, None once it exceeds `bound` (a hostile shape's product can have
+    millions of digits)."""
+    count = 0 if 0 in shape else 1
+    for n in shape:
+        count *= n
+        if count > bound:
+            return None
+    return count
+
+
+def _check_contiguous(path, tensors, data_start, size):
+    """Sorted by offset, each tensor starts where the one before ends, the first at the start of
+    the data and the last ending at the end of the file: no gaps, no shared bytes."""
+    position = data_start
+    for tensor in sorted(tensors, key=lambda t: (t.offset, t.nbytes)):
+        if tensor.offset != position:
+            relative = [tensor.offset - data_start, tensor.offset - data_start + tensor.nbytes]
+            raise SourceError(f"{path.name}: tensor {tensor.name}: data_offsets {relative} do not start where "
+                              f"the tensor before it ends ({position - data_start}): tensors' bytes must be "
+                              "contiguous, without gaps or overlaps")
+        position += tensor.nbytes
+    if position != size:
+        raise SourceError(f"{path.name}: the tensors end at byte {position - data_start} of the data, "
+                          f"which has {size - data_start} bytes")
 
 
 def read_tensors(directory):
@@ -101,14 +202,14 @@ def read_tensors(directory):
         if not single.exists():
             raise SourceError(f"{directory}: no {SINGLE} and no {INDEX}")
         return read_safetensors_header(single)
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SourceError(f"{index_path.name}: unreadable index: {error}") from None
+    weight_map = read_json(index_path, MAX_INDEX_BYTES)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(file, str) for file in weight_map.values())):
+        raise SourceError(f"{INDEX}: weight_map is not an object of tensor names to file names")
     tensors = {}
     for file in sorted(set(weight_map.values())):
         shard = directory / file
-        if Path(file).name != file or not shard.is_file():
+        if Path(file).name != file or not shard.exists():
             raise SourceError(f"{INDEX}: shard {file} is missing from {directory}")
         for name, tensor in read_safetensors_header(shard).items():
             if weight_map.get(name) != file:
@@ -120,21 +221,26 @@ def read_tensors(directory):
     return tensors
 
 
-def source_files(directory):
-    """The files whose content defines the conversion, for provenance."""
-    names = ["config.json"]
-    if (directory / INDEX).exists():
-        names += [INDEX, *sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))]
-    else:
-        names.append(SINGLE)
-    return [directory / name for name in names]
+def source_files(directory, tensors):
+    """The files whose content defines the conversion, for provenance: config.json, the index if
+    there is one, and the safetensors files that hold `tensors`."""
+    index = [directory / INDEX] if (directory / INDEX).exists() else []
+    return [directory / "config.json", *index, *sorted({tensor.file for tensor in tensors.values()})]
 
 
-def read_bytes_into(fd, buffer, offset):
-    """Fills `buffer` from `fd` at `offset`, failing on a short read."""
+def copied_files(directory):
+    """The files of COPIED_FILES that the checkpoint has, each checked to be a readable regular file."""
+    present = [directory / name for name in COPIED_FILES if (directory / name).exists()]
+    for path in present:
+        open_regular(path).close()
+    return present
+
+
+def read_bytes_into(file, buffer, offset, path):
+    """Fills `buffer` from `file` (opened from `path`) at `offset`, failing on a short read."""
     view = memoryview(buffer).cast("B")
     while len(view):
-        n = os.preadv(fd, [view], offset)
+        n = os.preadv(file.fileno(), [view], offset)
         if n <= 0:
-            raise SourceError(f"short read at offset {offset}")
+            raise SourceError(f"{path.name}: ends at byte {offset}, before its tensors do (it was truncated)")
         view, offset = view[n:], offset + n

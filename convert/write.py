@@ -2,13 +2,11 @@
 directory that replaces OUTPUT only when everything is written."""
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -17,10 +15,12 @@ from ..formats.dtypes import DtypeOverflow, convert, element_size, storage_dtype
 from ..formats.rankfile import VERSION, RankFileWriter, crc_hex, rank_file_name
 from ..formats.reader import MANIFEST
 from .. import schema
-from .source import COPIED_FILES, read_bytes_into, source_files
+from .source import open_regular, read_bytes_into
 
 CHUNK_BYTES = 8 << 20  # source bytes read at a time: with the dtype conversion's temporaries, the memory bound
 HASH_CHUNK = 8 << 20
+# The exponent bits of each dtype, as an unsigned integer of its size: all ones is Inf or NaN.
+EXPONENT_MASKS = {"bf16": (np.uint16, 0x7F80), "f16": (np.uint16, 0x7C00), "f32": (np.uint32, 0x7F800000)}
 
 
 class ConversionError(ValueError):
@@ -38,7 +38,7 @@ class Destination:
 def sha256_of(path):
     digest = hashlib.sha256()
     buffer = bytearray(HASH_CHUNK)
-    with open(path, "rb", buffering=0) as f:
+    with open_regular(path) as f:
         while n := f.readinto(buffer):
             digest.update(memoryview(buffer)[:n])
     return digest.hexdigest()
@@ -107,13 +107,13 @@ def _stream_tensor(source, dests, buffer, progress):
     rows_total = source.shape[0] if len(source.shape) == 2 else 1
     row_bytes = source.nbytes // rows_total
     rows_per_chunk = max(1, len(buffer) // row_bytes)
-    fd = os.open(source.file, os.O_RDONLY)
-    try:
+    with open_regular(source.file) as f:
         for first in range(0, rows_total, rows_per_chunk):
             count = min(rows_per_chunk, rows_total - first)
             chunk = memoryview(buffer)[:count * row_bytes]
-            read_bytes_into(fd, chunk, source.offset + first * row_bytes)
+            read_bytes_into(f, chunk, source.offset + first * row_bytes, source.file)
             raw = np.frombuffer(chunk, dtype=storage_dtype(source.dtype)).reshape(count, -1)
+            _check_finite(raw, source, first)
             converted = {}
             for dest in dests:
                 dtype = dest.record["dtype"]
@@ -126,8 +126,17 @@ def _stream_tensor(source, dests, buffer, progress):
                 rows = converted[dtype] if len(source.shape) == 2 else converted[dtype].reshape(-1)[None]
                 _write_rows(dest, rows, first, dtype)
             progress.advance(count * row_bytes)
-    finally:
-        os.close(fd)
+
+
+def _check_finite(raw, source, first_row):
+    """Refuses NaN and infinities: they convert, load and compute, into logits that are all NaN."""
+    bits, mask = EXPONENT_MASKS[source.dtype]
+    exponents = raw.view(bits) & bits(mask)
+    if exponents.size and exponents.max() == mask:
+        row, column = np.argwhere(exponents == mask)[0]
+        position = [first_row + int(row), int(column)] if len(source.shape) == 2 else [int(column)]
+        raise ConversionError(f"{source.file.name}: tensor {source.name}: holds a NaN or infinite value "
+                              f"(at {position}); only finite weights are converted")
 
 
 def _stream_all(plan, writers):
@@ -167,7 +176,7 @@ def _manifest(plan, conversion_id, rank_entries, options, provenance_sources):
 def write_directory(plan, staging, options):
     """Writes the whole converted model into `staging` (an empty directory)."""
     tp = plan.layout["world_size"]
-    files = source_files(plan.source_dir)
+    files = plan.files
     with ThreadPoolExecutor(max_workers=1) as hasher:  # hashing overlaps the conversion
         hashes = [hasher.submit(sha256_of, path) for path in files]
         writers = []
@@ -192,30 +201,6 @@ def write_directory(plan, staging, options):
     manifest = _manifest(plan, conversion_id, rank_entries, options, provenance_sources)
     schema.validate(manifest, "manifest", MANIFEST)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    for name in COPIED_FILES:
-        if (plan.source_dir / name).exists():
-            shutil.copyfile(plan.source_dir / name, staging / name)
-
-
-def commit_atomically(output, force, fill):
-    """Runs fill(staging) on a temporary directory beside `output`, then renames it into place.
-    On any error or interrupt nothing is left at `output` (an existing one stays untouched)."""
-    output = Path(output)
-    if output.exists() and not force:
-        raise ConversionError(f"{output}: already exists (use --force to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        fill(staging)
-        if output.exists():
-            retired = output.parent / f".{output.name}.replaced-{os.getpid()}"
-            os.rename(output, retired)
-            os.rename(staging, output)
-            shutil.rmtree(retired)
-        else:
-            os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    for path in plan.copied_files:
+        with open_regular(path) as source, open(staging / path.name, "wb") as copy:
+            shutil.copyfileobj(source, copy)

@@ -15,6 +15,7 @@
 #include "common.h"
 #include "crc32c.h"
 #include "engine.h"
+#include "fs_ops.h"
 #include "sampling.h"
 
 namespace nb = nanobind;
@@ -312,6 +313,10 @@ NB_MODULE(_core, m) {
   m.doc() = "qwen3pack's C++ core";
   m.def("crc32c", &crc32c_of_buffer, nb::arg("buffer"), nb::arg("crc") = 0,
         "CRC32C (Castagnoli) of a contiguous buffer, continuing from `crc` (0 to start).");
+  m.def("rename_noreplace", &q3p::rename_noreplace, nb::arg("source"), nb::arg("target"),
+        "renameat2(RENAME_NOREPLACE): 0, or the errno (EEXIST when `target` exists).");
+  m.def("rename_exchange", &q3p::rename_exchange, nb::arg("a"), nb::arg("b"),
+        "renameat2(RENAME_EXCHANGE): swaps two paths atomically; 0, or the errno.");
 
   nb::exception<q3p::FormatError>(m, "FormatError", PyExc_ValueError);
   nb::exception<q3p::UsageError>(m, "UsageError", PyExc_ValueError);

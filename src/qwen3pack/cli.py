@@ -35,24 +35,33 @@ def main():
 @click.option("--dry-run", is_flag=True, help="Print the plan (file sizes, memory per rank) and write nothing.")
 @click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Context length for the dry run's KV-cache estimate.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT if it is a directory that qwen3pack wrote (never the source, a symlink or a file).")
 def convert_command(source, output, tp, dtype, dry_run, context, force):
     """Convert SOURCE (a local checkpoint directory or a hub id) into OUTPUT."""
     from . import convert
+    from .convert.interrupts import Interrupted, conversion_signals
     try:
         if dry_run:
             click.echo(convert.dry_run(source, tp, dtype, context))
             return
         if output is None:
             raise click.UsageError("OUTPUT is required unless --dry-run")
-        plan = convert.convert(source, output, tp=tp, dtype=dtype, force=force)
-    except _user_errors() as error:
+        # SIGINT and SIGTERM are handled until the report is out, so that what it says is true.
+        with conversion_signals():
+            plan = convert.convert(source, output, tp=tp, dtype=dtype, force=force)
+            size = sum(r.file_size for r in plan.ranks)
+            click.echo(f"wrote {output}: {len(plan.ranks)} rank files, {plan.tensor_count} tensors, "
+                       f"{size / 1e9:.3f} GB")
+    except (*_user_errors(), OSError) as error:
         _fail(error)
-    except KeyboardInterrupt:
+    except Interrupted as interrupt:
+        click.echo(f"interrupted: {output} is complete" if interrupt.output_complete
+                   else "interrupted: nothing was written", err=True)
+        sys.exit(interrupt.exit_status)
+    except KeyboardInterrupt:  # before the handlers were installed: nothing was converted yet
         click.echo("interrupted: nothing was written", err=True)
         sys.exit(130)
-    size = sum(r.file_size for r in plan.ranks)
-    click.echo(f"wrote {output}: {len(plan.ranks)} rank files, {plan.tensor_count} tensors, {size / 1e9:.3f} GB")
 
 
 @main.command("validate")
