@@ -44,15 +44,6 @@ class ConfigError(ValueError):
     """A config.json (or a tensor-parallel size) that qwen3pack cannot convert; the message names the field."""
 
 
-def read_config(path):
-    """The JSON object of the config.json file at `path`, as it is: `normalize_config` checks it."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except ValueError as e:
-            raise ConfigError(f"{path}: not a JSON file: {e}") from e
-
-
 def normalize_config(raw, source="config.json"):
     """The model object of SPEC.md for the config.json object `raw`; `source` names it in errors.
 

@@ -2,14 +2,13 @@
 
 Only safetensors headers are read here; the converter streams the bytes later, with pread.
 """
-import json
 import math
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..formats import files
 from ..formats.dtypes import SAFETENSORS_DTYPES, element_size
 
 INDEX = "model.safetensors.index.json"
@@ -58,52 +57,13 @@ def resolve(source):
 
 
 def open_regular(path):
-    """A binary file object on the regular file at `path`. Anything else (a directory, a FIFO, a
-    device) is refused before it is opened, since opening some devices acts on them; and opening
-    never blocks (O_NONBLOCK, which a regular file ignores) should a FIFO take the file's place."""
-    try:
-        _check_regular(path, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SourceError(f"{path}: missing") from None
-    except OSError as error:
-        raise SourceError(f"{path}: cannot be read: {error.strerror}") from None
-    file = os.fdopen(fd, "rb", buffering=0)
-    try:
-        _check_regular(path, os.fstat(fd).st_mode)
-    except SourceError:
-        file.close()
-        raise
-    return file
-
-
-def _check_regular(path, mode):
-    if not stat.S_ISREG(mode):
-        raise SourceError(f"{path}: {_kind(mode)}, not a regular file")
-
-
-def _kind(mode):
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a special file"
+    """A binary file object on the regular file at `path` (formats.files.open_regular)."""
+    return files.open_regular(path, str(path), SourceError)
 
 
 def read_json(path, max_bytes):
     """The JSON value in the regular file at `path`, refused when larger than `max_bytes`."""
-    with open_regular(path) as f:
-        data = f.read(min(os.fstat(f.fileno()).st_size, max_bytes) + 1)
-    if len(data) > max_bytes:
-        raise SourceError(f"{path.name}: larger than {max_bytes} bytes, too large for this file")
-    try:
-        return json.loads(data)
-    except RecursionError:
-        raise SourceError(f"{path.name}: not a JSON file: nested too deeply") from None
-    except ValueError as error:
-        raise SourceError(f"{path.name}: not a JSON file: {error}") from None
+    return files.read_json(path, str(path), SourceError, max_bytes)
 
 
 def read_safetensors_header(path):
@@ -119,12 +79,7 @@ def read_safetensors_header(path):
         if header_length > min(MAX_HEADER_BYTES, size - 8):
             raise SourceError(f"{path.name}: safetensors header length {header_length} does not fit the file")
         header_bytes = f.read(header_length)
-    try:
-        header = json.loads(header_bytes)
-    except RecursionError:
-        raise SourceError(f"{path.name}: safetensors header is not JSON: nested too deeply") from None
-    except ValueError as error:
-        raise SourceError(f"{path.name}: safetensors header is not JSON: {error}") from None
+    header = files.parse_json(header_bytes, f"{path.name}: safetensors header", SourceError)
     if not isinstance(header, dict):
         raise SourceError(f"{path.name}: safetensors header is not a JSON object")
     _check_metadata(path, header.pop("__metadata__", {}))

@@ -1,5 +1,6 @@
 """Opening files that may be hostile: only regular files, never blocking on a FIFO, every length
-bounded before anything is allocated, JSON parsed strictly."""
+bounded before anything is allocated, JSON parsed strictly. The converter reads its sources
+through the same functions, with its own error class."""
 import json
 import math
 import os
@@ -11,34 +12,49 @@ MAX_JSON_BYTES = 64 << 20
 
 
 def open_regular(path, what, error):
-    """A read-only file object for `path`, which must be a regular file. The open cannot block
-    (O_NONBLOCK: a FIFO would wait for a writer), and the check is made on the opened file
-    itself, so a symlink swapped in meanwhile changes nothing. Raises `error` naming `what`."""
+    """A read-only binary file object for `path`, which must be a regular file. Anything else (a
+    directory, a FIFO, a device) is refused before it is opened, since opening some devices acts
+    on them; the open cannot block (O_NONBLOCK, which a regular file ignores) should a FIFO take
+    the file's place meanwhile, and the opened file is checked again. Raises `error` naming `what`."""
     try:
+        _check_regular(what, os.stat(path).st_mode, error)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise error(f"{what}: missing") from None
     except OSError as e:
-        raise error(f"{what}: cannot be opened: {e.strerror}") from None
-    mode = os.fstat(fd).st_mode
+        raise error(f"{what}: cannot be read: {e.strerror}") from None
+    file = os.fdopen(fd, "rb", buffering=0)
+    try:
+        _check_regular(what, os.fstat(fd).st_mode, error)
+    except error:
+        file.close()
+        raise
+    return file
+
+
+def _check_regular(what, mode, error):
     if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-        raise error(f"{what}: {kind}, expected a file")
-    return os.fdopen(fd, "rb", buffering=0)
+        raise error(f"{what}: {_kind(mode)}, not a regular file")
+
+
+def _kind(mode):
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
 
 
 def read_bounded(f, max_bytes, what, error):
     """All of an opened regular file, refusing one longer than `max_bytes`."""
-    size = os.fstat(f.fileno()).st_size
-    if size > max_bytes:
-        raise error(f"{what}: {size} bytes, more than the {max_bytes} bytes a reader accepts")
     try:
-        data = f.read(max_bytes + 1)  # the file may have grown since fstat
+        data = f.read(min(os.fstat(f.fileno()).st_size, max_bytes) + 1)  # +1: it may have grown
     except OSError as e:
         raise error(f"{what}: cannot be read: {e.strerror}") from None
     if len(data) > max_bytes:
-        raise error(f"{what}: more than the {max_bytes} bytes a reader accepts")
+        raise error(f"{what}: larger than {max_bytes} bytes, too large for this file")
     return data
 
 
@@ -58,7 +74,9 @@ def parse_json(data, what, error):
     refused, and so are numbers beyond a double) and safe against hostile nesting."""
     try:
         return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+    except RecursionError:
+        raise error(f"{what}: not valid JSON: nested too deeply") from None
+    except ValueError as e:  # UnicodeDecodeError is a ValueError
         raise error(f"{what}: not valid JSON: {e}") from None
 
 

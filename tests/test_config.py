@@ -15,8 +15,8 @@ from qwen3pack.convert.hf_config import (
     ConfigError,
     generation_hints,
     normalize_config,
-    read_config,
 )
+from qwen3pack.convert.source import SourceError, read_json
 from qwen3pack.formats.layout import LayoutError, make_layout
 from qwen3pack.schema import SchemaError, validate
 
@@ -27,7 +27,7 @@ SCHEMA_FILES = ("qwen3_config.schema.json", "manifest.schema.json", "rank_header
 
 
 def released(name):
-    return read_config(CONFIGS / name)
+    return json.loads((CONFIGS / name).read_text())
 
 
 def mutated(name="Qwen3-0.6B.json", **changes):
@@ -199,8 +199,8 @@ def test_refusals_name_the_source_they_are_given():
 def test_a_file_that_is_not_json_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("{not json")
-    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: not a JSON file"):
-        read_config(path)
+    with pytest.raises(SourceError, match=f"^{re.escape(str(path))}: not valid JSON"):
+        read_json(path, 1 << 20)
 
 
 # --- fields left out take Qwen3Config's defaults -------------------------------------------

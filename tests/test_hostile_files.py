@@ -69,22 +69,22 @@ def test_a_manifest_that_is_a_fifo_is_refused_without_waiting_for_a_writer(model
     os.mkfifo(model / "manifest.json")
     for command in (["validate"], ["validate", "--json"], ["inspect"]):
         result = cli_run(*command, model)
-        assert result.returncode == 1 and "manifest.json: not a regular file, expected a file" in result.stdout + result.stderr
-    with pytest.raises(FormatError, match="manifest.json: not a regular file"):
+        assert result.returncode == 1 and "manifest.json: a FIFO, not a regular file" in result.stdout + result.stderr
+    with pytest.raises(FormatError, match="manifest.json: a FIFO, not a regular file"):
         runtime.load(model)
 
 
 def test_a_manifest_linked_to_dev_zero_is_refused_not_read_forever(model):
     (model / "manifest.json").unlink()
     (model / "manifest.json").symlink_to("/dev/zero")
-    with pytest.raises(FormatError, match="manifest.json: not a regular file"):
+    with pytest.raises(FormatError, match="manifest.json: a device, not a regular file"):
         formats.open(model)
 
 
 def test_a_manifest_that_is_a_directory_says_so(model):
     (model / "manifest.json").unlink()
     (model / "manifest.json").mkdir()
-    assert validate(model).problems == [f"{model / 'manifest.json'}: a directory, expected a file"]
+    assert validate(model).problems == [f"{model / 'manifest.json'}: a directory, not a regular file"]
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo"])
@@ -92,10 +92,10 @@ def test_a_rank_file_of_the_wrong_kind_is_named_as_such_not_missing(model, kind)
     (model / RANK1).unlink()
     if kind == "directory":
         (model / RANK1).mkdir()
-        expected = f"{RANK1}: a directory, expected a file"
+        expected = f"{RANK1}: a directory, not a regular file"
     else:
         os.mkfifo(model / RANK1)
-        expected = f"{RANK1}: not a regular file, expected a file"
+        expected = f"{RANK1}: a FIFO, not a regular file"
     report = json.loads(cli_run("validate", "--json", model).stdout)
     assert report["problems"] == [expected]
     with pytest.raises(FormatError, match=expected):
@@ -114,8 +114,8 @@ def test_an_unreadable_rank_file_is_a_problem_line_and_json_still_comes_out(mode
     monkeypatch.setattr(os, "open", denying_open)
     result = CliRunner().invoke(cli, ["validate", "--json", str(model)])
     assert result.exit_code == 1, result.output
-    assert json.loads(result.output)["problems"] == [f"{RANK1}: cannot be opened: Permission denied"]
-    with pytest.raises(FormatError, match=f"{RANK1}: cannot be opened: Permission denied"):
+    assert json.loads(result.output)["problems"] == [f"{RANK1}: cannot be read: Permission denied"]
+    with pytest.raises(FormatError, match=f"{RANK1}: cannot be read: Permission denied"):
         formats.open(model)
 
 
@@ -140,7 +140,7 @@ def test_a_sparse_rank_file_declaring_an_8_gib_header_is_refused_before_allocati
 def test_a_huge_sparse_manifest_is_refused_by_its_size(model):
     with open(model / "manifest.json", "r+b") as f:
         f.truncate(1 << 40)
-    with pytest.raises(FormatError, match=f"manifest.json: {1 << 40} bytes, more than the {MAX_JSON_BYTES}"):
+    with pytest.raises(FormatError, match=f"manifest.json: larger than {MAX_JSON_BYTES} bytes"):
         formats.open(model)
 
 
