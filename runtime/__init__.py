@@ -10,6 +10,12 @@
     m.append_batch([s, s2], [ids_s, ids_s2])  # one forward over several sessions
     m.close()                      # or `with load(...) as m:`; dropping the model also unmaps
 
+    m.tokenizer.encode("Hi"); m.tokenizer.decode(ids)
+    m.render(messages, tools=None, enable_thinking=None)   # the chat template, as transformers renders it
+    m.complete("Once upon", max_tokens=32).text            # text in, text out (text.py)
+    for chunk in m.chat(messages, stream=True): chunk.reasoning, chunk.content
+    c = m.chat_session(system="Be brief."); c.send("Hi").content   # keeps the KV cache between turns
+
 Each rank file is mapped read-only by the C++ engine, checked there again (prefix, every
 offset and size, the geometry the model implies) and computed from in place, one thread per
 rank. Errors are Python exceptions: `qwen3pack.formats.FormatError` for a bad directory or rank
@@ -17,5 +23,8 @@ file, `ContextLengthError` past max_context, `ValueError` for bad arguments, `Cl
 (a RuntimeError) after close().
 """
 from .model import VERIFY_MODES, ClosedError, ContextLengthError, Model, Session, load
+from .text import ChatSession, Chunk, Completion, Usage
+from .tokenizer import Tokenizer
 
-__all__ = ["load", "Model", "Session", "ContextLengthError", "ClosedError", "VERIFY_MODES"]
+__all__ = ["load", "Model", "Session", "ContextLengthError", "ClosedError", "VERIFY_MODES", "Tokenizer",
+           "ChatSession", "Chunk", "Completion", "Usage"]
