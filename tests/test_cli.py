@@ -1,5 +1,6 @@
 """`qwen3pack validate` and `qwen3pack inspect` as CI pipelines and users run them."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,13 +75,16 @@ def test_inspect_summarizes_model_layout_and_layer_types(converted):
     assert "rank-00001-of-00002.q3p" in text
 
 
-def test_the_demo_converts_validates_and_generates_text(tmp_path):
+def test_the_demo_converts_validates_generates_text_and_chats(tmp_path):
     result = subprocess.run([sys.executable, "-m", "qwen3pack.demo", "--out", str(tmp_path), "--tokens", "8"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "2. converted at tp=2" in result.stdout
     assert "3. validated: valid (2 rank files" in result.stdout
-    assert "(8 tokens in" in result.stdout
+    assert re.search(r"\n   \(\d tokens in ", result.stdout)
+    chat = result.stdout[result.stdout.index("5. chatting"):]
+    assert chat.count("   user: ") == 2 and chat.count("   assistant: ") == 2
+    assert re.search(r"\(\d tokens; [1-9]\d* of the \d+ prompt tokens reused from the cache", chat)  # 2nd turn
 
 
 @pytest.fixture(scope="module")
