@@ -299,9 +299,10 @@ class Session:
     def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                  presence_penalty=0.0, repetition_penalty=1.0, seed=None, stop_token_ids=None):
         """Model.generate on this sequence, computing only what its cache lacks. `prompt` is the
-        whole sequence: the session must hold a prefix of it (its first `position` tokens, say an
-        earlier turn of a conversation; cut it with truncate first where it holds more). Each
-        generated token but the last is fed back, so the session ends holding the prompt and them."""
+        whole sequence, of which the cache must hold the first min(position, len(prompt)) tokens
+        (say, an earlier turn of a conversation); the rest is computed, at least the last prompt
+        token, whose logits are needed. Each generated token but the last is fed back, so the
+        session ends holding the prompt and them."""
         self._model._live()
         prompt, max_new_tokens, sampler, stops = self._model._prepare_generation(
             prompt, max_new_tokens, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty, seed,

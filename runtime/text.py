@@ -257,6 +257,7 @@ class ChatSession:
         self.messages = self._first_messages()
         self._session = model.session()
         self._cached = []  # the token ids whose keys and values self._session holds
+        self._answering = None  # the stream of the answer under way: one at a time on one cache
 
     def _first_messages(self):
         return [] if self.system is None else [{"role": "system", "content": self.system}]
@@ -265,7 +266,10 @@ class ChatSession:
              presence_penalty=None, repetition_penalty=None, seed=None, stop=None, stream=False):
         """Adds `message` (a user's text, or a message object such as a tool result) and answers it
         (the options as for complete). The answer joins `messages` when its stream ends, also when
-        the reader stops early (it keeps what was streamed)."""
+        the reader stops early (it keeps what was streamed); a new message ends an answer still
+        streaming."""
+        if self._answering is not None:
+            self._answering.close()
         if isinstance(message, str):
             message = {"role": "user", "content": message}
         messages = [*self.messages, message]
@@ -275,6 +279,7 @@ class ChatSession:
         cached = self._reuse(prompt_ids)
 
         def on_end(token_ids, reasoning, content):
+            self._answering = None
             answer = {"role": "assistant", "content": content}
             if reasoning:
                 answer["reasoning_content"] = reasoning
@@ -286,9 +291,9 @@ class ChatSession:
                 held = 0
             self._cached = known[:held]
 
-        chunks = _generate(self._model, self._session, prompt, prompt_ids, cached, max_tokens, sampling, seed, stop,
-                           on_end)
-        return chunks if stream else collect(chunks)
+        self._answering = _generate(self._model, self._session, prompt, prompt_ids, cached, max_tokens, sampling,
+                                    seed, stop, on_end)
+        return self._answering if stream else collect(self._answering)
 
     def _reuse(self, prompt_ids):
         """Cuts the cache back to the longest common prefix with prompt_ids; returns its length."""
@@ -308,6 +313,8 @@ class ChatSession:
 
     def reset(self):
         """Forgets the conversation (the system prompt and tools stay) and empties the cache."""
+        if self._answering is not None:
+            self._answering.close()
         self.messages = self._first_messages()
         self._session.reset()
         self._cached = []

@@ -386,10 +386,13 @@ def test_generation_stops_at_the_eos_ids_of_the_manifest(model, converted, tmp_p
 
 
 def test_a_prompt_that_opens_a_think_block_starts_in_reasoning(model):
-    result = model.complete("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n", max_tokens=20,
-                            temperature=1.0, seed=2)
-    assert "</think>" not in result.text
-    assert result.reasoning == result.text.lstrip("\n") and result.content == ""
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    varied = dict(max_tokens=20, temperature=1.0, seed=2, repetition_penalty=2.0)  # random weights repeat
+    result = model.complete(prompt, **varied)
+    assert "<think>" not in result.text and "</think>" not in result.text
+    assert result.reasoning == result.text.lstrip("\n") != "" and result.content == ""
+    chunks = list(model.complete(prompt, stream=True, **varied))
+    assert "".join(c.reasoning for c in chunks) == result.reasoning
 
 
 def test_bad_generation_arguments_are_value_errors(model):
@@ -439,6 +442,15 @@ def test_a_stream_stopped_early_keeps_the_session(model):
                                          temperature=0).token_ids
     chat.reset()
     assert chat.messages == []
+
+
+def test_a_new_message_ends_the_answer_still_streaming(model):
+    chat = model.chat_session()
+    stream = chat.send("One", max_tokens=30, temperature=0, stream=True)
+    shown = next(stream).content
+    answer = chat.send("Two", max_tokens=4, temperature=0)
+    assert [m["content"] for m in chat.messages] == ["One", shown, "Two", answer.content]
+    assert list(stream) == []
 
 
 def test_session_truncate_then_append_equals_a_fresh_pass(model):

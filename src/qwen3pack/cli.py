@@ -220,15 +220,15 @@ def chat_command(directory, system, max_tokens, temperature, top_p, top_k, seed,
 
 def _user_lines(interactive):
     """The user's lines, from the terminal (with a prompt) or from a pipe, until end of input."""
-    if not interactive:
-        yield from (line.rstrip("\n") for line in sys.stdin)
-        return
     while True:
         try:
-            yield input("> ")
-        except (EOFError, KeyboardInterrupt):
-            click.echo("")
+            line = input("> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave
+            click.echo("", err=True)
             return
+        if not interactive and not line:
+            return
+        yield line.rstrip("\n")
 
 
 def _answer(conversation, line, sampling):
