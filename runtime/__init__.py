@@ -7,6 +7,7 @@
     for token in m.generate(ids, max_new_tokens=32, temperature=0.0): ...
     s = m.session(); s.append(ids) # KV-cached: logits [vocab_size] of the last position
     s2 = s.fork(); s.reset(); s.position
+    s.truncate(n); s.generate(ids, max_new_tokens=32)  # generation that reuses the session's cache
     m.append_batch([s, s2], [ids_s, ids_s2])  # one forward over several sessions
     m.close()                      # or `with load(...) as m:`; dropping the model also unmaps
 
