@@ -453,6 +453,19 @@ def test_a_new_message_ends_the_answer_still_streaming(model):
     assert list(stream) == []
 
 
+def test_session_generate_continues_the_cache_as_a_fresh_generate(model):
+    prompt = list(range(3, 15))
+    session = model.session()
+    first = list(session.generate(prompt, 6, temperature=0))
+    assert first == list(model.generate(prompt, 6, temperature=0))
+    assert session.position == len(prompt) + 5  # the last token is not fed back
+    longer = prompt + first + [7, 8]
+    assert list(session.generate(longer, 6, temperature=0)) == list(model.generate(longer, 6, temperature=0))
+    assert list(session.generate(prompt, 6, temperature=0)) == first  # holding more: cut back first
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0"):
+        session.generate(prompt, -1)
+
+
 def test_session_truncate_then_append_equals_a_fresh_pass(model):
     ids = np.arange(3, 23)
     session = model.session()
