@@ -250,6 +250,7 @@ class ChatSession:
     def __init__(self, model, system=None, tools=None, enable_thinking=None):
         if system is not None and not isinstance(system, str):
             raise ValueError(f"system must be a string, got {type(system).__name__}")
+        self._template = model.tokenizer.chat_template  # a model that cannot chat fails here, not at each turn
         self._model = model
         self.system = system
         self.tools = tools
@@ -273,7 +274,7 @@ class ChatSession:
         if isinstance(message, str):
             message = {"role": "user", "content": message}
         messages = [*self.messages, message]
-        prompt = self._model.render(messages, tools=self.tools, enable_thinking=self.enable_thinking)
+        prompt = self._template.render(messages, tools=self.tools, enable_thinking=self.enable_thinking)
         prompt_ids = self._model.tokenizer.encode(prompt)
         sampling = _sampling(self._model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty)
         cached = self._reuse(prompt_ids)

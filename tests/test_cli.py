@@ -144,9 +144,12 @@ def test_text_commands_give_usage_errors_for_bad_arguments(chat_model, args, mes
     (["generate", "{model}", "hi", "--max-context", "8"], "error: the prompt has 17 tokens, beyond max_context = 8"),
     (["generate", "{missing}", "hi"], "error: {missing}"),
     (["chat", "{missing}"], "error: {missing}"),
+    (["chat", "{bare}"], "error: this model has no tokenizer.json"),
 ])
 def test_text_commands_report_bad_values_in_one_line(chat_model, tmp_path, args, message):
-    missing = tmp_path / "missing"
-    result = run(*[a.format(model=chat_model, missing=missing) for a in args])
+    import shutil
+    missing, bare = tmp_path / "missing", tmp_path / "bare"
+    shutil.copytree(chat_model, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    result = run(*[a.format(model=chat_model, missing=missing, bare=bare) for a in args])
     assert result.returncode == 1
     assert result.stderr.startswith(message.format(missing=missing)) and result.stderr.count("\n") == 1
