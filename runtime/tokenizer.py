@@ -43,11 +43,6 @@ class Tokenizer:
         source = template.read_text(encoding="utf-8") if template.is_file() else config.get("chat_template")
         return cls(backend, special_tokens, source, directory)
 
-    @property
-    def vocab_size(self):
-        """Tokens in the vocabulary, added tokens included."""
-        return self._backend.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text):
         """Token ids of `text` as it is: special tokens written in it are recognised, none added."""
         if not isinstance(text, str):
