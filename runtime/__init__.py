@@ -7,8 +7,15 @@
     for token in m.generate(ids, max_new_tokens=32, temperature=0.0): ...
     s = m.session(); s.append(ids) # KV-cached: logits [vocab_size] of the last position
     s2 = s.fork(); s.reset(); s.position
+    s.truncate(n); s.generate(ids, max_new_tokens=32)  # generation that reuses the session's cache
     m.append_batch([s, s2], [ids_s, ids_s2])  # one forward over several sessions
     m.close()                      # or `with load(...) as m:`; dropping the model also unmaps
+
+    m.tokenizer.encode("Hi"); m.tokenizer.decode(ids)
+    m.render(messages, tools=None, enable_thinking=None)   # the chat template, as transformers renders it
+    m.complete("Once upon", max_tokens=32).text            # text in, text out (text.py)
+    for chunk in m.chat(messages, stream=True): chunk.reasoning, chunk.content
+    c = m.chat_session(system="Be brief."); c.send("Hi").content   # keeps the KV cache between turns
 
 Each rank file is mapped read-only by the C++ engine, checked there again (prefix, every
 offset and size, the geometry the model implies) and computed from in place, one thread per
@@ -20,6 +27,8 @@ after the model was loaded (the child exits cleanly, but must load its own), `Nu
 """
 from .model import (VERIFY_MODES, ClosedError, ContextLengthError, ForkedError, Model, NumericalError, Session,
                     load)
+from .text import ChatSession, Chunk, Completion, Usage
+from .tokenizer import Tokenizer
 
 __all__ = ["load", "Model", "Session", "ContextLengthError", "ClosedError", "ForkedError", "NumericalError",
-           "VERIFY_MODES"]
+           "VERIFY_MODES", "Tokenizer", "ChatSession", "Chunk", "Completion", "Usage"]

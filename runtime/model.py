@@ -7,6 +7,8 @@ import numpy as np
 
 from .. import _core
 from .. import formats
+from . import text
+from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 ContextLengthError = _core.ContextLengthError
 ClosedError = _core.ClosedError
@@ -33,7 +35,12 @@ def load(directory, threads=None, max_context=4096, verify="quick"):
     converted = formats.open(directory)
     engine = _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
                           verify == "full")
-    return Model(engine, converted.manifest)
+    return Model(engine, converted.manifest, _tokenizer_of(converted.path))
+
+
+def _tokenizer_of(directory):
+    """The directory's tokenizer, or None for a model converted without one (token ids only)."""
+    return Tokenizer.from_directory(directory) if (directory / TOKENIZER_FILE).is_file() else None
 
 
 def rank_sources(converted):
@@ -96,9 +103,10 @@ def make_sampler(vocab_size, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, pre
 
 
 def _stop_token_ids(value, default, vocab_size):
-    """A frozenset of token ids from None (the default), or a list, tuple, set or array of ints."""
+    """A frozenset of token ids from None (the manifest's eos ids, those the vocabulary holds), or
+    a list, tuple, set or array of ints."""
     if value is None:
-        value = default
+        return frozenset(t for t in default if 0 <= t < vocab_size)
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ValueError(f"stop_token_ids must be a list of token ids or None, got {value!r}")
     return frozenset(_integer(t, "stop_token_ids entry", 0, vocab_size - 1) for t in value)
@@ -130,9 +138,10 @@ def _token_ids(ids, vocab_size, what="ids"):
 class Model:
     """A loaded model (see `load`). Thread-safe: forward passes run one at a time."""
 
-    def __init__(self, engine, manifest):
+    def __init__(self, engine, manifest, tokenizer=None):
         self._engine = engine
         self._manifest = manifest
+        self._tokenizer = tokenizer
         self._vocab_size = manifest["model"]["vocab_size"]
         self.max_context = engine.max_context
         self.threads = engine.threads
@@ -210,6 +219,15 @@ class Model:
 
         Arguments are checked at the call, before the first token is asked for."""
         engine = self._live()
+        prompt, max_new_tokens, sampler, stops = self._prepare_generation(
+            ids, max_new_tokens, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty, seed,
+            stop_token_ids)
+        return self._generate(engine, prompt, max_new_tokens, sampler, stops)
+
+    def _prepare_generation(self, ids, max_new_tokens, temperature, top_k, top_p, min_p, presence_penalty,
+                            repetition_penalty, seed, stop_token_ids):
+        """generate's arguments checked: (prompt array, max_new_tokens, a sampler that has seen the
+        prompt, the stop ids). Session.generate checks its arguments here too."""
         prompt = _token_ids(ids, self._vocab_size, "ids")
         max_new_tokens = _integer(max_new_tokens, "max_new_tokens", 0)
         needed = len(prompt) + max(max_new_tokens - 1, 0)
@@ -221,7 +239,7 @@ class Model:
         sampler = make_sampler(self._vocab_size, temperature, top_k, top_p, min_p, presence_penalty,
                                repetition_penalty, seed)
         sampler.add_prompt(prompt)
-        return self._generate(engine, prompt, int(max_new_tokens), sampler, stops)
+        return prompt, int(max_new_tokens), sampler, stops
 
     def _generate(self, engine, prompt, max_new_tokens, sampler, stops):
         if max_new_tokens == 0:
@@ -235,6 +253,31 @@ class Model:
             if token in stops or step + 1 == max_new_tokens:
                 return
             logits = session.append(np.array([token], dtype=np.int32))
+
+    @property
+    def tokenizer(self):
+        """The directory's tokenizer (encode, decode) and chat template."""
+        if self._tokenizer is None:
+            raise ValueError("this model has no tokenizer.json: it takes token ids only")
+        return self._tokenizer
+
+    def render(self, messages, tools=None, enable_thinking=None):
+        """The prompt string of a conversation: the chat template rendered as transformers'
+        apply_chat_template(..., add_generation_prompt=True)."""
+        return self.tokenizer.chat_template.render(messages, tools=tools, enable_thinking=enable_thinking)
+
+    def complete(self, prompt, **options):
+        """Continues a prompt string: a Completion, or an iterator of Chunk with stream=True (see
+        qwen3pack.runtime.text.complete for the options)."""
+        return text.complete(self, prompt, **options)
+
+    def chat(self, messages, **options):
+        """The assistant's answer to messages (see qwen3pack.runtime.text.chat)."""
+        return text.chat(self, messages, **options)
+
+    def chat_session(self, system=None, tools=None, enable_thinking=None):
+        """A conversation that keeps its KV cache from turn to turn (a text.ChatSession)."""
+        return text.ChatSession(self, system=system, tools=tools, enable_thinking=enable_thinking)
 
     def close(self):
         """Unmaps the rank files and stops the threads. Idempotent; later use raises ClosedError."""
@@ -284,6 +327,39 @@ class Session:
     def reset(self):
         """Empties the sequence (position 0), keeping its memory."""
         self._core.reset()
+
+    def truncate(self, length):
+        """Keeps the first `length` tokens. ValueError where sliding-window layers have already
+        dropped keys that the shorter sequence needs (then only reset() goes back)."""
+        self._model._live()
+        self._core.truncate(_integer(length, "length", 0))
+
+    def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                 presence_penalty=0.0, repetition_penalty=1.0, seed=None, stop_token_ids=None):
+        """Model.generate on this sequence, computing only what its cache lacks. `prompt` is the
+        whole sequence, of which the cache must hold the first min(position, len(prompt)) tokens
+        (say, an earlier turn of a conversation); the rest is computed, at least the last prompt
+        token, whose logits are needed. Each generated token but the last is fed back, so the
+        session ends holding the prompt and them."""
+        self._model._live()
+        prompt, max_new_tokens, sampler, stops = self._model._prepare_generation(
+            prompt, max_new_tokens, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty, seed,
+            stop_token_ids)
+        if max_new_tokens and self.position >= len(prompt):
+            self.truncate(len(prompt) - 1)  # the last prompt token is fed again: its logits are needed
+        return self._generate(prompt, max_new_tokens, sampler, stops)
+
+    def _generate(self, prompt, max_new_tokens, sampler, stops):
+        if max_new_tokens == 0:
+            return
+        logits = self._core.append(prompt[self.position:])
+        for step in range(max_new_tokens):
+            token = sampler.sample(logits)
+            sampler.accept(token)
+            yield token
+            if token in stops or step + 1 == max_new_tokens:
+                return
+            logits = self._core.append(np.array([token], dtype=np.int32))
 
     def __repr__(self):
         return f"<qwen3pack Session position={self.position}>"

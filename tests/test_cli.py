@@ -1,5 +1,6 @@
 """`qwen3pack validate` and `qwen3pack inspect` as CI pipelines and users run them."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,10 +75,81 @@ def test_inspect_summarizes_model_layout_and_layer_types(converted):
     assert "rank-00001-of-00002.q3p" in text
 
 
-def test_the_demo_converts_validates_and_generates_text(tmp_path):
+def test_the_demo_converts_validates_generates_text_and_chats(tmp_path):
     result = subprocess.run([sys.executable, "-m", "qwen3pack.demo", "--out", str(tmp_path), "--tokens", "8"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "2. converted at tp=2" in result.stdout
     assert "3. validated: valid (2 rank files" in result.stdout
-    assert "(8 tokens in" in result.stdout
+    assert re.search(r"\n   \(\d tokens in ", result.stdout)
+    chat = result.stdout[result.stdout.index("5. chatting"):]
+    assert chat.count("   user: ") == 2 and chat.count("   assistant: ") == 2
+    assert re.search(r"\(\d tokens; [1-9]\d* of the \d+ prompt tokens reused from the cache", chat)  # 2nd turn
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A random checkpoint with a Qwen3-like tokenizer and template, converted at tp=2."""
+    from qwen3pack.testing import make_checkpoint
+    root = tmp_path_factory.mktemp("chat")
+    convert(make_checkpoint(root / "source", seed=3, qwen3_tokenizer=True), root / "out", tp=2)
+    return root / "out"
+
+
+def run_with_input(text, *args):
+    return subprocess.run([str(BIN / "qwen3pack"), *map(str, args)], input=text, capture_output=True, text=True)
+
+
+def test_generate_streams_the_answer_to_a_user_message(chat_model):
+    import qwen3pack
+    result = run("generate", chat_model, "Hello", "--max-tokens", 8, "--temperature", 0, "--threads", 2)
+    assert result.returncode == 0, result.stderr
+    with qwen3pack.load(chat_model, threads=1) as m:
+        expected = m.chat([{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0).text
+        continued = m.complete("Hello", max_tokens=8, seed=4, stop="x").text
+    assert result.stdout == expected.rstrip("\n") + "\n" and expected.strip()
+    raw = run("generate", chat_model, "Hello", "--raw", "--max-tokens", 8, "--seed", 4, "--stop", "x")
+    assert raw.returncode == 0 and raw.stdout == continued.rstrip("\n") + "\n"
+
+
+def test_chat_from_a_pipe_answers_one_turn_per_line(chat_model):
+    import qwen3pack
+    result = run_with_input("Hello\n/no_think\nHow are you?\n", "chat", chat_model, "--system", "Be brief.",
+                            "--max-tokens", 6, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    with qwen3pack.load(chat_model, threads=1) as m:
+        conversation = m.chat_session(system="Be brief.")
+        first = conversation.send("Hello", max_tokens=6, temperature=0).content
+        conversation.enable_thinking = False
+        second = conversation.send("How are you?", max_tokens=6, temperature=0).content
+    assert result.stdout == f"{first}\n{second}\n"
+    assert result.stderr.count("tokens/s") == 2 and "(thinking off)" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "{model}", "hi", "--max-tokens", "0"], "Invalid value for '--max-tokens'"),
+    (["generate", "{model}", "hi", "--raw", "--chat"], "--raw and --chat exclude each other"),
+    (["generate", "{model}", "hi", "--raw", "--no-think"], "--think/--no-think apply to --chat, not to --raw"),
+    (["generate", "{model}"], "Missing argument 'PROMPT'"),
+    (["chat", "{model}", "--temperature", "warm"], "Invalid value for '--temperature'"),
+])
+def test_text_commands_give_usage_errors_for_bad_arguments(chat_model, args, message):
+    result = run(*[a.format(model=chat_model) for a in args])
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "{model}", "hi", "--temperature", "-1"], "error: temperature must be a finite number >= 0"),
+    (["generate", "{model}", "hi", "--max-context", "8"], "error: the prompt has 17 tokens, beyond max_context = 8"),
+    (["generate", "{missing}", "hi"], "error: {missing}"),
+    (["chat", "{missing}"], "error: {missing}"),
+    (["chat", "{bare}"], "error: this model has no tokenizer.json"),
+])
+def test_text_commands_report_bad_values_in_one_line(chat_model, tmp_path, args, message):
+    import shutil
+    missing, bare = tmp_path / "missing", tmp_path / "bare"
+    shutil.copytree(chat_model, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    result = run(*[a.format(model=chat_model, missing=missing, bare=bare) for a in args])
+    assert result.returncode == 1
+    assert result.stderr.startswith(message.format(missing=missing)) and result.stderr.count("\n") == 1

@@ -342,7 +342,9 @@ NB_MODULE(_core, m) {
              return copy.release();
            },
            nb::rv_policy::take_ownership, "An independent copy of this sequence.")
-      .def("reset", [](Session& s) { live(s.engine).reset_cache(*s.cache); }, "Empties the sequence.");
+      .def("reset", [](Session& s) { live(s.engine).reset_cache(*s.cache); }, "Empties the sequence.")
+      .def("truncate", [](Session& s, int64_t length) { live(s.engine).truncate_cache(*s.cache, length); }, "length"_a,
+           "Keeps the first `length` tokens.");
 
   nb::class_<EngineHandle>(m, "Engine", "The model's rank files, mapped and checked, and the threads computing them.")
       .def("__init__",

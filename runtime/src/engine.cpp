@@ -100,6 +100,23 @@ void Engine::reset_cache(KVCache& cache) {
   cache.reset();
 }
 
+void Engine::truncate_cache(KVCache& cache, int64_t length) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t position = cache.position();
+  if (length < 0 || length > position)
+    throw UsageError("cannot truncate a sequence of " + std::to_string(position) + " tokens to " +
+                     std::to_string(length));
+  // Position p of a ring of r slots lives in slot p % r: once the sequence has passed r, writing
+  // positions [length, position) again would need keys that later positions overwrote.
+  for (int64_t layer = 0; layer < kv_geometry_.layers; ++layer) {
+    const int64_t ring = cache.ring(layer);
+    if (ring && position > ring && 0 < length && length < position - 1)
+      throw UsageError("cannot truncate a sequence of " + std::to_string(position) + " tokens to " +
+                       std::to_string(length) + ": its sliding-window layers have moved past them");
+  }
+  cache.set_position(length);
+}
+
 void Engine::check_request(const std::vector<ForwardRequest>& batch) {
   if (closed_) throw ClosedError("the model is closed");
   if (batch.empty()) throw UsageError("empty batch");

@@ -64,6 +64,9 @@ class Engine {
   std::unique_ptr<KVCache> new_cache();
   std::unique_ptr<KVCache> copy_cache(const KVCache& cache);
   void reset_cache(KVCache& cache);
+  // Keeps the first `length` positions of the sequence. Throws UsageError past its position, or
+  // where a sliding layer's ring has already overwritten keys that position `length` would see.
+  void truncate_cache(KVCache& cache, int64_t length);
 
   // Runs the new tokens of every request through the model and advances their caches.
   // Returns the logits, vocab_size floats per row: for each request in order, one row per new

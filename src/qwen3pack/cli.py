@@ -1,6 +1,7 @@
 """The `qwen3pack` command (and `qwen3-convert`, the same as `qwen3pack convert`)."""
 import json
 import sys
+import time
 
 import click
 
@@ -122,6 +123,153 @@ def summary(converted):
         lines.append(f"  {rank_file.path.name}  {rank_file.file_size / 1e6:10.1f} MB  "
                      f"{len(rank_file.tensors)} tensors")
     return "\n".join(lines)
+
+
+def sampling_options(command):
+    """The sampling options of `generate` and `chat` (unset: the model's generation_config.json)."""
+    for option in reversed([
+        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Generated tokens at most (per answer)."),
+        click.option("--temperature", type=float, help="0 is greedy. Default: the model's."),
+        click.option("--top-p", type=float, help="Default: the model's."),
+        click.option("--top-k", type=int, help="Default: the model's."),
+        click.option("--seed", type=int, help="The same seed gives the same text."),
+        click.option("--threads", type=click.IntRange(min=1), help="Compute threads (default: all CPUs)."),
+        click.option("--max-context", type=click.IntRange(min=1), default=4096, show_default=True,
+                     help="Tokens of prompt and answer (the conversation, in chat) at most."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _load(directory, threads, max_context):
+    from . import load
+    try:
+        return load(directory, threads=threads, max_context=max_context)
+    except ValueError as error:  # every bad-directory error of the runtime is one
+        _fail(error)
+
+
+@main.command("generate")
+@click.argument("directory", type=click.Path())
+@click.argument("prompt")
+@sampling_options
+@click.option("--stop", multiple=True, help="End the text before this string (repeatable).")
+@click.option("--raw", is_flag=True, help="The prompt as it is (a completion), not a user message.")
+@click.option("--chat", is_flag=True, help="The prompt as a user message in the chat template (the default).")
+@click.option("--think/--no-think", default=None, help="Let the model think first (default: the template's).")
+def generate_command(directory, prompt, max_tokens, temperature, top_p, top_k, seed, threads, max_context, stop,
+                     raw, chat, think):
+    """Stream the model's text for PROMPT to stdout: its answer to it as a user message, or with
+    --raw its continuation of it."""
+    if raw and chat:
+        raise click.UsageError("--raw and --chat exclude each other")
+    if raw and think is not None:
+        raise click.UsageError("--think/--no-think apply to --chat, not to --raw")
+    model = _load(directory, threads, max_context)
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                    stop=list(stop), stream=True)
+    try:
+        if raw:
+            chunks = model.complete(prompt, **sampling)
+        else:
+            chunks = model.chat([{"role": "user", "content": prompt}], enable_thinking=think, **sampling)
+        text = ""
+        for chunk in chunks:
+            click.echo(chunk.text, nl=False)
+            text += chunk.text
+    except ValueError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        click.echo("")
+        sys.exit(130)
+    if not text.endswith("\n"):
+        click.echo("")
+
+
+CHAT_COMMANDS = {"/reset": "forget the conversation", "/think": "let the model think first",
+                 "/no_think": "answer without thinking", "/exit": "leave (or Ctrl-D)"}
+
+
+@main.command("chat")
+@click.argument("directory", type=click.Path())
+@click.option("--system", help="The system prompt.")
+@sampling_options
+@click.option("--think/--no-think", default=None, help="Let the model think first (default: the template's).")
+def chat_command(directory, system, max_tokens, temperature, top_p, top_k, seed, threads, max_context, think):
+    """Talk with the model in the terminal; the KV cache is kept from turn to turn. Its thinking is
+    shown dimmed, before the answer. Ctrl-C stops an answer. From a pipe: one user turn per line."""
+    model = _load(directory, threads, max_context)
+    try:
+        conversation = model.chat_session(system=system, enable_thinking=think)
+    except ValueError as error:
+        _fail(error)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"qwen3pack chat: {directory}. " + ", ".join(f"{c} {what}" for c, what in CHAT_COMMANDS.items()),
+                   err=True)
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    for line in _user_lines(interactive):
+        command = line.strip()
+        if command == "/exit":
+            break
+        if command == "/reset":
+            conversation.reset()
+            click.echo(click.style("(conversation forgotten)", dim=True), err=True)
+        elif command in ("/think", "/no_think"):
+            conversation.enable_thinking = command == "/think"
+            state = "on" if conversation.enable_thinking else "off"
+            click.echo(click.style(f"(thinking {state})", dim=True), err=True)
+        elif command.startswith("/") and command.split()[0] not in CHAT_COMMANDS:
+            click.echo(f"error: unknown command {command.split()[0]}; the commands are "
+                       + ", ".join(CHAT_COMMANDS), err=True)
+        elif command:
+            _answer(conversation, line, sampling)
+
+
+def _user_lines(interactive):
+    """The user's lines, from the terminal (with a prompt) or from a pipe, until end of input."""
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave
+            click.echo("", err=True)
+            return
+        if not interactive and not line:
+            return
+        yield line.rstrip("\n")
+
+
+def _answer(conversation, line, sampling):
+    """Streams one answer: the reasoning dimmed, then the answer, then the speed."""
+    started = time.perf_counter()
+    shown = None  # "reasoning" or "content": what the last piece printed was
+    last = stream = None
+    try:
+        stream = conversation.send(line, stream=True, **sampling)
+        for chunk in stream:
+            for part, text in (("reasoning", chunk.reasoning), ("content", chunk.content)):
+                if not text:
+                    continue
+                if shown == "reasoning" and part == "content":
+                    click.echo("\n")
+                click.echo(click.style(text, dim=True) if part == "reasoning" else text, nl=False)
+                shown = part
+            last = chunk
+    except ValueError as error:
+        click.echo(f"error: {error}", err=True)
+        return
+    except KeyboardInterrupt:
+        if stream is not None:
+            stream.close()  # the conversation keeps what was shown
+        click.echo(click.style(" [stopped]", dim=True), nl=False)
+    seconds = time.perf_counter() - started
+    click.echo("")
+    if last is not None and last.usage is not None:
+        tokens = last.usage.completion_tokens
+        click.echo(click.style(f"({tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s, "
+                               f"{last.usage.cached_tokens} of {last.usage.prompt_tokens} prompt tokens cached)",
+                               dim=True), err=True)
 
 
 def convert_main():

@@ -1,10 +1,9 @@
-"""`make demo`: a Qwen3 checkpoint (a small random one made here, or MODEL=path-or-hub-id),
-converted at tp=2, validated, loaded, and asked to continue a prompt."""
+"""`make demo`: a Qwen3 checkpoint (a small random one made here, with a Qwen3-like tokenizer
+and chat template, or MODEL=path-or-hub-id), converted at tp=2, validated, loaded, asked to
+continue a prompt, then chatted with for two turns."""
 import argparse
 import time
 from pathlib import Path
-
-from tokenizers import Tokenizer
 
 from . import formats, load
 from .cli import summary
@@ -14,6 +13,7 @@ from .testing import make_checkpoint
 DEMO_MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=2, head_dim=64)
 PROMPT = "The capital of France is"
+QUESTIONS = ["What is the capital of France?", "And of Italy?"]
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
 
     source = args.model
     if source is None:
-        source = make_checkpoint(out / "checkpoint", seed=0, tie=False, **DEMO_MODEL)
+        source = make_checkpoint(out / "checkpoint", seed=0, tie=False, qwen3_tokenizer=True, **DEMO_MODEL)
         print(f"1. made a small random Qwen3 checkpoint in {source} (random weights: expect gibberish)")
     else:
         print(f"1. source checkpoint: {source}")
@@ -44,29 +44,24 @@ def main():
         print("   ", problem)
     print(summary(formats.open(converted)))
 
-    tokenizer = Tokenizer.from_file(str(converted / "tokenizer.json"))
-    ids = tokenizer.encode(PROMPT).ids
-    with load(converted, max_context=len(ids) + args.tokens) as model:
-        sampling = sampling_settings(model.generation["defaults"])
-        print(f"4. continuing {PROMPT!r} with {sampling}:")
+    with load(converted, max_context=1024) as model:
+        print(f"4. continuing {PROMPT!r} with the model's sampling defaults {model.generation['defaults']}:")
         print(f"   {PROMPT}", end="", flush=True)
-        started, new, shown = time.perf_counter(), [], ""
-        for token in model.generate(ids, max_new_tokens=args.tokens, seed=0, **sampling):
-            new.append(token)
-            text = tokenizer.decode(new)
-            print(text[len(shown):], end="", flush=True)  # stream as the tokens come
-            shown = text
+        started = time.perf_counter()
+        for chunk in model.complete(PROMPT, max_tokens=args.tokens, seed=0, stream=True):
+            print(chunk.text, end="", flush=True)  # streamed as the tokens come
         seconds = time.perf_counter() - started
-    print(f"\n   ({len(new)} tokens in {seconds:.2f} s)")
+        print(f"\n   ({chunk.usage.completion_tokens} tokens in {seconds:.2f} s)")
 
-
-def sampling_settings(defaults):
-    """The model's own sampling defaults (generation_config.json), or mild sampling when those are
-    greedy: greedy decoding of random weights repeats one token."""
-    settings = {k: v for k, v in defaults.items() if k in ("temperature", "top_k", "top_p", "min_p")}
-    if settings.get("temperature", 0.0) > 0:
-        return settings
-    return {"temperature": 0.8, "top_p": 0.95}
+        print(f"5. chatting through the chat template (as `qwen3pack chat {converted}` does in a terminal):")
+        conversation = model.chat_session(system="You are a helpful assistant.")
+        for question in QUESTIONS:
+            print(f"   user: {question}\n   assistant: ", end="", flush=True)
+            for chunk in conversation.send(question, max_tokens=args.tokens, seed=0, stream=True):
+                print(chunk.text, end="", flush=True)
+            usage = chunk.usage
+            print(f"\n   ({usage.completion_tokens} tokens; {usage.cached_tokens} of the {usage.prompt_tokens} "
+                  f"prompt tokens reused from the cache, finish: {chunk.finish_reason})")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,107 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3's chat tokens: the first three are special (decode skips them), the others are text.
+QWEN3_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN3_ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+# Qwen2's pre-tokenizer regex (transformers' Qwen2Tokenizer builds the same).
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# What the BPE trainer learns merges from: several scripts, so that some tokens hold whole
+# multi-byte characters and others only part of one.
+BPE_CORPUS = [
+    "The capital of France is Paris. The weather is nice today, isn't it? Let me think about that.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+    "Qwen3 models think before they answer: <think>\nreasoning\n</think>\n\nThe answer.",
+    "北京是中国的首都。我们今天去公园散步吧。你好，世界！",
+    "東京は日本の首都です。こんにちは、元気ですか？",
+    "Crème brûlée, café, naïve, Zürich, São Paulo, Ærø, façade.",
+    "Emoji: 😀 🎉 👍🏽 ❤️ 🇫🇷 and more 😀😀 🎉🎉.",
+    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+]
+# A template with the features of Qwen3's official one: tools in the system turn, <think> blocks
+# of assistant turns (kept only after the last user query), tool calls with dict or string
+# arguments, consecutive tool results in one user turn, enable_thinking=false writing an empty
+# think block; and raise_exception for a role it does not know.
+QWEN3_STYLE_TEMPLATE = """\
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
+            {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls or [] %}
+            {%- if (loop.first and content) or (not loop.first) %}
+                {{- '\\n' }}
+            {%- endif %}
+            {%- if tool_call.function %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' }}
+            {%- if tool_call.arguments is string %}
+                {{- tool_call.arguments }}
+            {%- else %}
+                {{- tool_call.arguments | tojson }}
+            {%- endif %}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- elif not (message.role == "system" and loop.first) %}
+        {{- raise_exception('Unknown message role: ' + message.role) }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}
+"""
 SAFETENSORS_DTYPE = {"f32": ("float32", np.float32), "f16": ("float16", np.float16), "bf16": ("bfloat16", None)}
 
 DEFAULT_CONFIG = {
@@ -94,19 +195,51 @@ def _write_tokenizer(directory):
     }, indent=2))
 
 
-def make_checkpoint(directory, seed=0, shards=1, tie=True, dtype="f32", **config_overrides):
+def _write_qwen3_tokenizer(directory, vocab_size):
+    """A Qwen3-like tokenizer: byte-level BPE trained on BPE_CORPUS up to `vocab_size` tokens with
+    Qwen2's normalizer and pre-tokenizer, Qwen3's special and added tokens, and
+    QWEN3_STYLE_TEMPLATE. Returns the ids of <|im_end|> and <|endoftext|>, Qwen3's eos ids."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN3_ADDED_TOKENS), special_tokens=QWEN3_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(BPE_CORPUS, trainer)
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in QWEN3_ADDED_TOKENS])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "clean_up_tokenization_spaces": False,
+        "model_max_length": 1024, "chat_template": QWEN3_STYLE_TEMPLATE}, indent=2))
+    return tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
+
+
+def make_checkpoint(directory, seed=0, shards=1, tie=True, dtype="f32", qwen3_tokenizer=False, **config_overrides):
     """Writes a small random Qwen3 checkpoint (config.json, safetensors, tokenizer, generation
     config) to `directory`, deterministic by `seed`. `shards` > 1 splits the weights over that
-    many files with a model.safetensors.index.json. Returns the directory."""
+    many files with a model.safetensors.index.json. The tokenizer is byte-level with a ChatML
+    template, or with qwen3_tokenizer a trained BPE with Qwen3's chat tokens, a Qwen3-style template
+    (thinking, tools) and Qwen3's generation_config.json (its eos ids and sampling defaults).
+    Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {**DEFAULT_CONFIG, "tie_word_embeddings": tie, "torch_dtype": {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype], **config_overrides}
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": [config["eos_token_id"], 256],
+                  "do_sample": False}
+    if qwen3_tokenizer:
+        im_end, end_of_text = _write_qwen3_tokenizer(directory, config["vocab_size"])
+        config.update(bos_token_id=end_of_text, eos_token_id=im_end)
+        generation = {"bos_token_id": end_of_text, "eos_token_id": [im_end, end_of_text], "pad_token_id": end_of_text,
+                      "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+    else:
+        _write_tokenizer(directory)
     tensors = _weights(config, np.random.default_rng(seed), tie)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    (directory / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": config["bos_token_id"], "eos_token_id": [config["eos_token_id"], 256],
-         "do_sample": False}, indent=2))
-    _write_tokenizer(directory)
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     names = list(tensors)
     if shards == 1:
         _save_safetensors(tensors, directory / "model.safetensors", dtype)

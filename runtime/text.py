@@ -1,0 +1,321 @@
+"""Text in, text out: completions of a prompt string, chat over messages, and conversations that
+keep their KV cache from turn to turn, streamed or whole.
+
+A generation's text is the decode of its tokens (special tokens skipped, as transformers), cut
+before the first stop string. It is split at the <think> and </think> tags into `reasoning` and
+`content`: generation starts inside reasoning when the prompt ends inside an open think block (a
+template that writes "<think>\\n" after the assistant header), otherwise in content. The newlines
+that templates put around a think block (after <think>, before </think>, after </think>) belong
+to neither part, the tags to neither; `text` keeps everything.
+"""
+from dataclasses import dataclass
+
+from .. import _core
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# The sampling settings, and their values when neither the caller nor generation_config.json gives one.
+NEUTRAL_SAMPLING = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "presence_penalty": 0.0,
+                    "repetition_penalty": 1.0}
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed
+
+    @property
+    def total_tokens(self):
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Chunk:
+    """A piece of a stream: the new text, and that text split into reasoning and content. The last
+    chunk of a stream carries finish_reason ("stop" or "length"), usage and the generated token_ids."""
+    text: str
+    reasoning: str
+    content: str
+    finish_reason: str = None
+    usage: Usage = None
+    token_ids: list = None
+
+
+@dataclass
+class Completion:
+    text: str
+    reasoning: str
+    content: str
+    finish_reason: str
+    usage: Usage
+    token_ids: list
+
+
+def complete(model, prompt, *, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
+             presence_penalty=None, repetition_penalty=None, seed=None, stop=None, stream=False):
+    """Continues `prompt`, a string given to the model as it is (no template). max_tokens: generated
+    tokens at most (None: up to max_context). A sampling setting left None takes the model's
+    default (generation_config.json, then the neutral value); temperature 0 is greedy. stop: a
+    string or a list of them; the text ends before the first one. Generation also stops at the
+    model's eos ids. stream=True returns an iterator of Chunk, else a Completion. Arguments are
+    checked at the call."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    sampling = _sampling(model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty)
+    chunks = _generate(model, model.session(), prompt, model.tokenizer.encode(prompt), 0, max_tokens, sampling,
+                       seed, stop)
+    return chunks if stream else collect(chunks)
+
+
+def chat(model, messages, *, tools=None, enable_thinking=None, max_tokens=None, temperature=None, top_p=None,
+         top_k=None, min_p=None, presence_penalty=None, repetition_penalty=None, seed=None, stop=None, stream=False):
+    """The assistant's answer to `messages` (the options as for complete): the chat template
+    rendered with tools and enable_thinking, then generation."""
+    prompt = model.render(messages, tools=tools, enable_thinking=enable_thinking)
+    return complete(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    min_p=min_p, presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed,
+                    stop=stop, stream=stream)
+
+
+def collect(chunks):
+    """A stream gathered into one Completion."""
+    parts = list(chunks)
+    last = parts[-1]
+    return Completion("".join(c.text for c in parts), "".join(c.reasoning for c in parts),
+                      "".join(c.content for c in parts), last.finish_reason, last.usage, last.token_ids)
+
+
+def _sampling(model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty):
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+             "presence_penalty": presence_penalty, "repetition_penalty": repetition_penalty}
+    defaults = model.generation.get("defaults", {})
+    return {name: value if value is not None else defaults.get(name, NEUTRAL_SAMPLING[name])
+            for name, value in given.items()}
+
+
+def _max_new_tokens(model, prompt_ids, max_tokens):
+    """max_tokens checked against the context; None: as many as the context leaves (the last token
+    generated is never fed back, so it needs no position)."""
+    room = model.max_context - len(prompt_ids) + 1
+    if len(prompt_ids) > model.max_context:
+        raise _core.ContextLengthError(f"the prompt has {len(prompt_ids)} tokens, beyond max_context = "
+                                       f"{model.max_context}")
+    if max_tokens is None:
+        return room
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1 or None, got {max_tokens!r}")
+    if max_tokens > room:
+        raise _core.ContextLengthError(
+            f"the prompt ({len(prompt_ids)} tokens) and max_tokens={max_tokens} need "
+            f"{len(prompt_ids) + max_tokens - 1} positions, beyond max_context = {model.max_context}")
+    return max_tokens
+
+
+def _stop_strings(stop):
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return list(stops)
+
+
+def _generate(model, session, prompt, prompt_ids, cached_tokens, max_tokens, sampling, seed, stop, on_end=None):
+    """Checks every argument, starts generating on `session` (which holds the first cached_tokens of
+    prompt_ids), and returns the stream of chunks. on_end(token_ids, reasoning, content) runs when
+    the stream ends, even when its reader stops early."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    stops = _stop_strings(stop)
+    eos = frozenset(model.generation.get("eos_token_ids") or [])
+    tokens = session.generate(prompt_ids, _max_new_tokens(model, prompt_ids, max_tokens), seed=seed,
+                              stop_token_ids=eos, **sampling)
+    in_reasoning = prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+    return _stream(model.tokenizer.decoder(), tokens, eos, StopStrings(stops), ReasoningSplit(in_reasoning),
+                   len(prompt_ids), cached_tokens, on_end)
+
+
+def _stream(decoder, tokens, eos, stops, split, prompt_tokens, cached_tokens, on_end):
+    token_ids, reasoning, content = [], [], []
+    try:
+        text, stopped = "", False
+        for token in tokens:
+            token_ids.append(token)
+            text, stopped = stops.feed(decoder.add(token))
+            if stopped or token in eos:
+                break
+            if text:
+                chunk = Chunk(text, *split.feed(text))
+                reasoning.append(chunk.reasoning)
+                content.append(chunk.content)
+                yield chunk
+            text = ""
+        if not stopped:
+            rest, stopped = stops.feed(decoder.finish())
+            text += rest if stopped else rest + stops.flush()
+        finish_reason = "stop" if stopped or token_ids[-1] in eos else "length"
+        last_reasoning, last_content = split.feed(text)
+        rest_reasoning, rest_content = split.finish()
+        last = Chunk(text, last_reasoning + rest_reasoning, last_content + rest_content, finish_reason,
+                     Usage(prompt_tokens, len(token_ids), cached_tokens), token_ids)
+        reasoning.append(last.reasoning)
+        content.append(last.content)
+        yield last
+    finally:
+        if on_end is not None:
+            on_end(token_ids, "".join(reasoning), "".join(content))
+
+
+def _partial_match(text, word):
+    """The length of the longest end of `text` that begins `word` (but is not all of it)."""
+    for length in range(min(len(text), len(word) - 1), 0, -1):
+        if text.endswith(word[:length]):
+            return length
+    return 0
+
+
+class StopStrings:
+    """Cuts streamed text before the first stop string, even one that spans several pieces: the
+    end of the text that could begin a stop string is held back until the next piece decides."""
+
+    def __init__(self, stops):
+        self._stops = stops
+        self._held = ""
+
+    def feed(self, text):
+        """(the text that is certainly before any stop string, whether a stop string was found)."""
+        text = self._held + text
+        found = [i for i in (text.find(stop) for stop in self._stops) if i >= 0]
+        if found:
+            self._held = ""
+            return text[:min(found)], True
+        keep = max((_partial_match(text, stop) for stop in self._stops), default=0)
+        self._held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def flush(self):
+        """At the end, no stop string having come: the held text."""
+        held, self._held = self._held, ""
+        return held
+
+
+class ReasoningSplit:
+    """Splits streamed text into (reasoning, content) pieces at the think tags (see the module's
+    docstring). A tag split over pieces, and newlines that may precede </think>, are held back."""
+
+    def __init__(self, in_reasoning):
+        self._in_reasoning = in_reasoning
+        self._held = ""
+        self._at_section_start = in_reasoning  # a section whose leading newlines are dropped
+
+    def feed(self, text):
+        pieces = {True: [], False: []}
+        held = self._held + text
+        tag = THINK_CLOSE if self._in_reasoning else THINK_OPEN
+        while (at := held.find(tag)) >= 0:
+            before = held[:at]
+            self._emit(before.rstrip("\n") if self._in_reasoning else before, pieces)
+            held = held[at + len(tag):]
+            # into reasoning, or into the content after a think block: both start with template newlines
+            self._in_reasoning, self._at_section_start = not self._in_reasoning, True
+            tag = THINK_CLOSE if self._in_reasoning else THINK_OPEN
+        keep = _partial_match(held, tag)
+        ready, self._held = held[:len(held) - keep], held[len(held) - keep:]
+        if self._in_reasoning:  # newlines right before </think> are the template's
+            stripped = ready.rstrip("\n")
+            ready, self._held = stripped, ready[len(stripped):] + self._held
+        self._emit(ready, pieces)
+        return "".join(pieces[True]), "".join(pieces[False])
+
+    def finish(self):
+        """At the end: the held text, an unfinished tag or newlines included."""
+        pieces = {True: [], False: []}
+        self._emit(self._held, pieces)
+        self._held = ""
+        return "".join(pieces[True]), "".join(pieces[False])
+
+    def _emit(self, text, pieces):
+        if self._at_section_start:
+            text = text.lstrip("\n")
+            self._at_section_start = not text
+        pieces[self._in_reasoning].append(text)
+
+
+class ChatSession:
+    """A conversation that keeps the KV cache of its tokens: each turn renders the whole
+    conversation, reuses the cache for the longest common token prefix with what the cache holds,
+    and computes only the rest (templates that drop earlier turns' thinking make the prefix end
+    where the previous answer began). `messages` is the conversation so far."""
+
+    def __init__(self, model, system=None, tools=None, enable_thinking=None):
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"system must be a string, got {type(system).__name__}")
+        self._template = model.tokenizer.chat_template  # a model that cannot chat fails here, not at each turn
+        self._model = model
+        self.system = system
+        self.tools = tools
+        self.enable_thinking = enable_thinking
+        self.messages = self._first_messages()
+        self._session = model.session()
+        self._cached = []  # the token ids whose keys and values self._session holds
+        self._answering = None  # the stream of the answer under way: one at a time on one cache
+
+    def _first_messages(self):
+        return [] if self.system is None else [{"role": "system", "content": self.system}]
+
+    def send(self, message, *, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
+             presence_penalty=None, repetition_penalty=None, seed=None, stop=None, stream=False):
+        """Adds `message` (a user's text, or a message object such as a tool result) and answers it
+        (the options as for complete). The answer joins `messages` when its stream ends, also when
+        the reader stops early (it keeps what was streamed); a new message ends an answer still
+        streaming."""
+        if self._answering is not None:
+            self._answering.close()
+        if isinstance(message, str):
+            message = {"role": "user", "content": message}
+        messages = [*self.messages, message]
+        prompt = self._template.render(messages, tools=self.tools, enable_thinking=self.enable_thinking)
+        prompt_ids = self._model.tokenizer.encode(prompt)
+        sampling = _sampling(self._model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty)
+        cached = self._reuse(prompt_ids)
+
+        def on_end(token_ids, reasoning, content):
+            self._answering = None
+            answer = {"role": "assistant", "content": content}
+            if reasoning:
+                answer["reasoning_content"] = reasoning
+            self.messages = [*messages, answer]
+            held = self._session.position  # what the cache holds now: the prompt, then the tokens fed back
+            known = [*prompt_ids, *token_ids]
+            if held > len(known):  # interrupted between computing a token and handing it over
+                self._session.reset()
+                held = 0
+            self._cached = known[:held]
+
+        self._answering = _generate(self._model, self._session, prompt, prompt_ids, cached, max_tokens, sampling,
+                                    seed, stop, on_end)
+        return self._answering if stream else collect(self._answering)
+
+    def _reuse(self, prompt_ids):
+        """Cuts the cache back to the longest common prefix with prompt_ids; returns its length."""
+        common = 0
+        for cached, new in zip(self._cached, prompt_ids):
+            if cached != new:
+                break
+            common += 1
+        common = min(common, len(prompt_ids) - 1)  # the last prompt token is fed again for its logits
+        try:
+            self._session.truncate(common)
+        except ValueError:  # sliding-window layers cannot go back: start again
+            self._session.reset()
+            common = 0
+        self._cached = self._cached[:common]
+        return common
+
+    def reset(self):
+        """Forgets the conversation (the system prompt and tools stay) and empties the cache."""
+        if self._answering is not None:
+            self._answering.close()
+        self.messages = self._first_messages()
+        self._session.reset()
+        self._cached = []
