@@ -40,7 +40,7 @@ def load(directory, threads=None, max_context=4096, verify="quick"):
 
 def _tokenizer_of(directory):
     """The directory's tokenizer, or None for a model converted without one (token ids only)."""
-    return Tokenizer.from_directory(directory) if (directory / TOKENIZER_FILE).is_file() else None
+    return Tokenizer.from_directory(directory) if os.path.lexists(directory / TOKENIZER_FILE) else None
 
 
 def rank_sources(converted):

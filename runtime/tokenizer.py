@@ -1,11 +1,12 @@
 """The converted directory's tokenizer: tokenizer.json read by Hugging Face `tokenizers`, the named
 special tokens and the chat template of tokenizer_config.json (or chat_template.jinja), and the
 incremental decoder that turns generated tokens into text as they come."""
-import json
+import os
 from pathlib import Path
 
 from tokenizers import Tokenizer as BackendTokenizer
 
+from ..formats import FormatError, files
 from .chat_template import ChatTemplate
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -31,16 +32,16 @@ class Tokenizer:
     def from_directory(cls, directory):
         directory = Path(directory)
         path = directory / TOKENIZER_FILE
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ValueError(f"{directory}: no {TOKENIZER_FILE}: this model has no tokenizer (token ids only)")
         try:
-            backend = BackendTokenizer.from_file(str(path))
+            backend = BackendTokenizer.from_str(_read_text(path))
         except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
-            raise ValueError(f"{path}: not a tokenizer file: {error}") from None
+            raise FormatError(f"{path}: not a tokenizer file: {error}") from None
         config = _read_json(directory / CONFIG_FILE)
         special_tokens = _named_special_tokens({**_read_json(directory / SPECIAL_TOKENS_FILE), **config})
         template = directory / TEMPLATE_FILE  # transformers prefers it to tokenizer_config.json's
-        source = template.read_text(encoding="utf-8") if template.is_file() else config.get("chat_template")
+        source = _read_text(template) if os.path.lexists(template) else config.get("chat_template")
         return cls(backend, special_tokens, source, directory)
 
     def encode(self, text):
@@ -67,15 +68,23 @@ class Tokenizer:
         return self._chat_template
 
 
-def _read_json(path):
-    if not path.is_file():
-        return {}
+def _read_text(path):
+    """A text file of the directory, which may be hostile: a regular file of bounded size, UTF-8."""
+    with files.open_regular(path, str(path), FormatError) as f:
+        data = files.read_bounded(f, files.MAX_JSON_BYTES, str(path), FormatError)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ValueError(f"{path}: not a JSON file: {error}") from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise FormatError(f"{path}: not UTF-8 text: {error}") from None
+
+
+def _read_json(path):
+    """The JSON object in `path`, {} when there is no such file."""
+    if not os.path.lexists(path):
+        return {}
+    document = files.parse_json(_read_text(path), str(path), FormatError)
     if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise FormatError(f"{path}: expected a JSON object")
     return document
 
 

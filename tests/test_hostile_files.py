@@ -192,3 +192,26 @@ def test_a_record_moved_past_the_end_is_reported_once(model):
     reseal(model / RANK0, header)
     problems = validate(model).problems
     assert len(problems) == 1 and "lie outside the file" in problems[0], problems
+
+
+# ---- the text files a loaded model reads ----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"])
+def test_a_tokenizer_file_that_is_a_fifo_is_refused_at_load_without_hanging(model, name):
+    (model / name).unlink(missing_ok=True)
+    os.mkfifo(model / name)
+    with pytest.raises(FormatError, match=f"{name}: a FIFO, not a regular file"):
+        runtime.load(model, threads=1)
+
+
+def test_a_huge_sparse_tokenizer_is_refused_by_its_size(model):
+    with open(model / "tokenizer.json", "r+b") as f:
+        f.truncate(1 << 40)
+    with pytest.raises(FormatError, match=f"tokenizer.json: larger than {MAX_JSON_BYTES} bytes"):
+        runtime.load(model, threads=1)
+
+
+def test_a_tokenizer_config_that_is_not_json_names_the_file(model):
+    (model / "tokenizer_config.json").write_text('{"chat_template": NaN}')
+    with pytest.raises(FormatError, match="tokenizer_config.json: not valid JSON: NaN is not a JSON value"):
+        runtime.load(model, threads=1)
