@@ -218,11 +218,8 @@ class Model:
         means the manifest's eos_token_ids, [] never stops early.
 
         Arguments are checked at the call, before the first token is asked for."""
-        engine = self._live()
-        prompt, max_new_tokens, sampler, stops = self._prepare_generation(
-            ids, max_new_tokens, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty, seed,
-            stop_token_ids)
-        return self._generate(engine, prompt, max_new_tokens, sampler, stops)
+        return self.session().generate(ids, max_new_tokens, temperature, top_k, top_p, min_p, presence_penalty,
+                                       repetition_penalty, seed, stop_token_ids)
 
     def _prepare_generation(self, ids, max_new_tokens, temperature, top_k, top_p, min_p, presence_penalty,
                             repetition_penalty, seed, stop_token_ids):
@@ -240,19 +237,6 @@ class Model:
                                repetition_penalty, seed)
         sampler.add_prompt(prompt)
         return prompt, int(max_new_tokens), sampler, stops
-
-    def _generate(self, engine, prompt, max_new_tokens, sampler, stops):
-        if max_new_tokens == 0:
-            return
-        session = engine.new_session()
-        logits = session.append(prompt)
-        for step in range(max_new_tokens):
-            token = sampler.sample(logits)
-            sampler.accept(token)
-            yield token
-            if token in stops or step + 1 == max_new_tokens:
-                return
-            logits = session.append(np.array([token], dtype=np.int32))
 
     @property
     def tokenizer(self):
