@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from qwen3pack.testing import make_checkpoint
@@ -15,3 +17,23 @@ def checkpoints(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def unprivileged(tmp_path_factory):
+    """(command prefix, open folder) to run a command as an unprivileged user: as root, which reads
+    and writes anything, permission errors are tested through setpriv as nobody, in a folder that
+    nobody may use (pytest's own tmp folders are closed to other users)."""
+    import os
+    import shutil
+    import tempfile
+    if os.geteuid() != 0:
+        yield [], tmp_path_factory.mktemp("open")
+        return
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv to drop privileges")
+    folder = tempfile.mkdtemp(prefix="qwen3pack-open-")
+    os.chmod(folder, 0o777)
+    yield [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"], Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)

@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -135,11 +136,16 @@ def test_an_output_whose_parent_is_a_file_is_refused(source, tmp_path):
     assert result.stderr.strip() == f"error: {tmp_path / 'notes' / 'out'}: its parent {tmp_path / 'notes'} is not a directory"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_an_output_parent_without_write_permission_is_an_error_not_a_traceback(source, tmp_path):
-    locked = tmp_path / "locked"
+def test_an_output_parent_without_write_permission_is_an_error_not_a_traceback(checkpoints, unprivileged):
+    as_user, folder = unprivileged
+    source = shutil.copytree(checkpoints(), folder / "src")
+    source.chmod(0o755)  # copied from a folder only root may enter
+    for file in source.iterdir():
+        file.chmod(0o644)
+    locked = folder / "locked"
     locked.mkdir(mode=0o555)
-    result = run_cli(source, locked / "out")
+    result = subprocess.run([*as_user, str(BIN / "qwen3-convert"), str(source), str(locked / "out")],
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {locked / 'out'}: cannot write in {locked}: Permission denied"
 

@@ -93,10 +93,16 @@ def test_a_config_linked_to_a_device_is_refused_without_reading_it(source, tmp_p
     refused(source, tmp_path, monkeypatch, f"{source / 'config.json'}: a device, not a regular file")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads anything")
-def test_an_unreadable_source_file_is_named(source, tmp_path, monkeypatch):
+def test_an_unreadable_source_file_is_named(checkpoints, unprivileged):
+    as_user, folder = unprivileged
+    source = shutil.copytree(checkpoints(), folder / "src")
+    source.chmod(0o755)  # copied from a folder only root may enter
     (source / "model.safetensors").chmod(0)
-    refused(source, tmp_path, monkeypatch, f"{source / 'model.safetensors'}: cannot be read: Permission denied")
+    result = subprocess.run([*as_user, str(BIN / "qwen3-convert"), str(source), str(folder / "out")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{USER_ERROR}{source / 'model.safetensors'}: cannot be read: Permission denied"
+    assert sorted(p.name for p in folder.iterdir()) == ["src"]
 
 
 @pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
