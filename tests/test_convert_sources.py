@@ -271,3 +271,13 @@ def test_an_os_error_while_writing_is_one_error_line(source, tmp_path, monkeypat
     assert result.exit_code == 1
     assert result.output.strip() == "error: [Errno 28] No space left on device"
     assert list(tmp_path.iterdir()) == [source]
+
+
+def test_a_source_folder_that_cannot_be_entered_is_one_error_line(checkpoints, unprivileged):
+    as_user, folder = unprivileged
+    source = shutil.copytree(checkpoints(), folder / "src")
+    source.chmod(0o700)  # only its owner, root, may enter
+    result = subprocess.run([*as_user, str(BIN / "qwen3-convert"), str(source), str(folder / "out")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{USER_ERROR}{source / 'config.json'}: Permission denied"

@@ -16,6 +16,8 @@ def _user_errors():
 
 
 def _fail(error):
+    if isinstance(error, OSError) and error.filename:  # "path: Permission denied", as the others read
+        error = f"{error.filename}: {error.strerror}"
     click.echo(f"error: {error}", err=True)
     sys.exit(1)
 
