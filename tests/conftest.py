@@ -37,3 +37,13 @@ def unprivileged(tmp_path_factory):
     os.chmod(folder, 0o777)
     yield [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"], Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def interruptible():
+    """SIGINT raises KeyboardInterrupt in this process during the test, as in a terminal, whatever
+    the suite inherited (a suite run in the background, as CI may run it, has SIGINT ignored)."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

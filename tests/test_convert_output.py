@@ -21,6 +21,12 @@ from qwen3pack.testing import make_checkpoint
 BIN = Path(sys.executable).parent
 
 
+def as_in_a_terminal():
+    """preexec_fn for a subprocess that should get Ctrl-C as a user's would: a test suite run in
+    the background (as CI may run it) inherits SIGINT ignored, and Python keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(*args):
     return subprocess.run([str(BIN / "qwen3-convert"), *map(str, args)], capture_output=True, text=True)
 
@@ -239,7 +245,8 @@ def test_a_failed_rename_into_place_puts_the_replaced_output_back(source, tmp_pa
 
 
 def test_an_interrupt_while_the_replaced_output_is_deleted_waits_and_says_output_is_complete(source, tmp_path,
-                                                                                              monkeypatch):
+                                                                                              monkeypatch,
+                                                                                              interruptible):
     convert(source, tmp_path / "out", tp=2)
     remove = output.shutil.rmtree
 
@@ -255,7 +262,7 @@ def test_an_interrupt_while_the_replaced_output_is_deleted_waits_and_says_output
     assert hidden_leftovers(tmp_path) == []
 
 
-def test_sigterm_is_handled_only_while_converting(source, tmp_path):
+def test_sigterm_is_handled_only_while_converting(source, tmp_path, interruptible):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     convert(source, tmp_path / "out")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -279,7 +286,8 @@ def test_a_signal_mid_conversion_leaves_a_complete_output_or_the_one_before_and_
         convert(larger_checkpoint, out, dtype="bf16")
     before = contents(out) if existing else None
     process = subprocess.Popen([str(BIN / "qwen3-convert"), str(larger_checkpoint), str(out), "--tp", "2",
-                                "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_in_a_terminal)
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
         assert process.poll() is None, process.communicate()
