@@ -357,3 +357,36 @@ def test_a_full_queue_is_429_and_sigterm_lets_the_running_stream_finish(director
         assert process.wait(timeout=30) == 0
         log = read_log()
         assert "Traceback" not in log and "completion tokens" in log
+
+
+# ---------------------------------------------------------------- the scheduler itself
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(model):
+    from qwen3pack.runtime.text import generation
+    from qwen3pack.scheduler import Request, Scheduler
+    events = []
+    scheduler = Scheduler(model, max_batch=4, prefill_chunk=32)
+    scheduler.start()
+    try:
+        def submit(name, prompt, max_tokens):
+            request = Request(generation(model, prompt, max_tokens=max_tokens, temperature=0),
+                              lambda event: events.append((name, event[0])))
+            scheduler.submit(request)
+            return request
+
+        running = submit("running", "Once upon a time", 400)
+        while not events:
+            time.sleep(0.001)
+        submitted = len(events)
+        long = submit("long", "word " * 300, 4)
+        deadline = time.monotonic() + 30
+        while ("long", "end") not in events or ("running", "end") not in events:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    prompt_steps = -(-len(long.generation.prompt_ids) // 32)
+    first = events.index(("long", "token"))
+    # the running stream got a token at every step while the long prompt was computed, 32 tokens a step
+    assert prompt_steps > 5 and events[submitted:first].count(("running", "token")) >= prompt_steps - 1
+    assert len(running.generation.token_ids) == 400 and scheduler.largest_batch == 2
