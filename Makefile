@@ -33,6 +33,7 @@ demo: install
 # Speed, as ratios against baselines measured in the same run (transformers comes with the test deps).
 bench: $(VENV)/.test-deps install
 	$(PY) -m qwen3pack.bench
+	$(PY) -m qwen3pack.bench_serve
 
 clean:
 	rm -rf build $(DEMO_DIR)
