@@ -563,5 +563,6 @@ def serve(model, model_name, host, port, scheduler_options, api_key=None, shutdo
                                              f"max context {model.max_context})")
     # uvicorn raises the stopping signal again once it has shut down; a stop asked for and done
     # cleanly is not a failure: ignore it then, so that the command exits 0.
-    signal.signal(signal.SIGTERM, lambda *args: None)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *args: None)
     http.run()
