@@ -156,6 +156,15 @@ def test_thinking_is_reasoning_content_beside_content(client, model):
     assert "".join(d.content or "" for d in deltas) == ""
 
 
+def test_tools_and_text_parts_are_given_to_the_chat_template(client, model):
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Météo",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story 😀"}]}]
+    answer = client.chat.completions.create(model=NAME, messages=parts, tools=[tool], max_tokens=1)
+    with_tools = len(model.tokenizer.encode(model.render(messages(), tools=[tool])))
+    assert answer.usage.prompt_tokens == with_tools > len(model.tokenizer.encode(model.render(messages())))
+
+
 def test_a_completion_continues_the_prompt_as_the_runtime_does(client, model):
     answer = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=12, logprobs=3, **VARIED)
     expected = model.complete("Once upon a time", max_tokens=12, temperature=0, repetition_penalty=1.8)
