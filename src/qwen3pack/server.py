@@ -287,7 +287,8 @@ class Server:
         if ttft is not None:
             self.time_to_first_token.observe(ttft)
         ended = request.finished_at or time.perf_counter()
-        speed = generated / (ended - request.first_token_at) if generated > 1 and ended > request.first_token_at else 0
+        # the decoding speed: the tokens after the first over the time after it
+        speed = (generated - 1) / (ended - request.first_token_at) if generated > 1 else 0.0
         log.info("%s: %d prompt tokens, %d completion tokens, time to first token %s, %.1f tokens/s, finish %s",
                  job.id, len(request.generation.prompt_ids), generated,
                  "-" if ttft is None else f"{ttft:.3f} s", speed, job.outcome)
