@@ -8,6 +8,7 @@ The model is tiny and random; its chat template opens a think block after the as
 enable_thinking is false.
 """
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -36,6 +37,15 @@ VARIED = {"temperature": 0, "extra_body": {"repetition_penalty": 1.8}}
 THINKING_TEMPLATE = QWEN3_STYLE_TEMPLATE.replace(
     "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}",
     "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- else %}\n        {{- '<think>\\n' }}\n    {%- endif %}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loopback_without_proxy():
+    """A CI machine may set HTTP(S)_PROXY to reach PyPI: the server on loopback is called directly."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("NO_PROXY", "no_proxy"):
+            patch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1"])))
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ the Qwen3-like test tokenizer (its small vocabulary: the weights of the layers d
 real model); answers are greedy with a repetition penalty, max_tokens long unless an eos id comes.
 """
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -82,6 +83,8 @@ def main():
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     args = parser.parse_args()
     import openai
+    for name in ("NO_PROXY", "no_proxy"):  # the server on loopback is called directly, whatever proxy is set
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1"]))
     with tempfile.TemporaryDirectory(prefix="qwen3pack-bench-serve-") as tmp:
         work = Path(tmp)
         widths = {k: v for k, v in QWEN3_0_6B.items() if k not in ("vocab_size", "num_hidden_layers")}
