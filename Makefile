@@ -13,11 +13,11 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# Build requirements first: the project is then built without isolation, incrementally.
 	$(PIP) install -q "scikit-build-core>=0.10" "nanobind>=2.0" ninja cmake
-	$(PIP) install -q numpy safetensors click huggingface_hub jsonschema tokenizers jinja2 ml_dtypes
+	$(PIP) install -q numpy safetensors click huggingface_hub jsonschema tokenizers jinja2 ml_dtypes uvicorn starlette prometheus-client
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.deps
-	$(PIP) install -q pytest torch==2.13.0 "transformers>=4.51"
+	$(PIP) install -q pytest torch==2.13.0 "transformers>=4.51" openai httpx
 	touch $@
 
 # Rebuilds the C++ extension incrementally (build/ keeps the CMake tree between runs).
@@ -33,6 +33,7 @@ demo: install
 # Speed, as ratios against baselines measured in the same run (transformers comes with the test deps).
 bench: $(VENV)/.test-deps install
 	$(PY) -m qwen3pack.bench
+	$(PY) -m qwen3pack.bench_serve
 
 clean:
 	rm -rf build $(DEMO_DIR)

@@ -16,6 +16,9 @@
     m.complete("Once upon", max_tokens=32).text            # text in, text out (text.py)
     for chunk in m.chat(messages, stream=True): chunk.reasoning, chunk.content
     c = m.chat_session(system="Be brief."); c.send("Hi").content   # keeps the KV cache between turns
+    g = text.generation(m, prompt, max_tokens=32)  # stepped by its caller (a batching server):
+    token, chunk = g.step(logits)                  # logits of an append_batch row; until g.finished
+    m.tokenizer.token_bytes(token)                 # the bytes a token stands for (maybe part of a character)
 
 Each rank file is mapped read-only by the C++ engine, checked there again (prefix, every
 offset and size, the geometry the model implies) and computed from in place, one thread per

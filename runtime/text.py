@@ -10,7 +10,10 @@ to neither part, the tags to neither; `text` keeps everything.
 """
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import _core
+from . import model as _model  # its argument checks (a module: model.py imports this one)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # The sampling settings, and their values when neither the caller nor generation_config.json gives one.
@@ -128,42 +131,122 @@ def _generate(model, session, prompt, prompt_ids, cached_tokens, max_tokens, sam
         raise ValueError("the prompt is empty")
     stops = _stop_strings(stop)
     eos = frozenset(model.generation.get("eos_token_ids") or [])
-    tokens = session.generate(prompt_ids, _max_new_tokens(model, prompt_ids, max_tokens), seed=seed,
-                              stop_token_ids=eos, **sampling)
-    in_reasoning = prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
-    return _stream(model.tokenizer.decoder(), tokens, eos, StopStrings(stops), ReasoningSplit(in_reasoning),
-                   len(prompt_ids), cached_tokens, on_end)
+    max_new_tokens = _max_new_tokens(model, prompt_ids, max_tokens)
+    tokens = session.generate(prompt_ids, max_new_tokens, seed=seed, stop_token_ids=eos, **sampling)
+    return _stream(GenerationText(model.tokenizer, prompt, len(prompt_ids), max_new_tokens, eos, stops,
+                                  cached_tokens), tokens, on_end)
 
 
-def _stream(decoder, tokens, eos, stops, split, prompt_tokens, cached_tokens, on_end):
-    token_ids, reasoning, content = [], [], []
+def _stream(text, tokens, on_end):
     try:
-        text, stopped = "", False
         for token in tokens:
-            token_ids.append(token)
-            text, stopped = stops.feed(decoder.add(token))
-            if stopped or token in eos:
-                break
-            if text:
-                chunk = Chunk(text, *split.feed(text))
-                reasoning.append(chunk.reasoning)
-                content.append(chunk.content)
+            chunk = text.add(token)
+            if chunk is not None:
                 yield chunk
-            text = ""
-        if not stopped:
-            rest, stopped = stops.feed(decoder.finish())
-            text += rest if stopped else rest + stops.flush()
-        finish_reason = "stop" if stopped or token_ids[-1] in eos else "length"
-        last_reasoning, last_content = split.feed(text)
-        rest_reasoning, rest_content = split.finish()
-        last = Chunk(text, last_reasoning + rest_reasoning, last_content + rest_content, finish_reason,
-                     Usage(prompt_tokens, len(token_ids), cached_tokens), token_ids)
-        reasoning.append(last.reasoning)
-        content.append(last.content)
-        yield last
+            if text.finished:
+                return
     finally:
         if on_end is not None:
-            on_end(token_ids, "".join(reasoning), "".join(content))
+            on_end(text.token_ids, text.reasoning, text.content)
+
+
+class GenerationText:
+    """The text of one generation as its tokens come, one call per token: the incremental decode,
+    cut before the first stop string, split into reasoning and content. add(token) returns the chunk
+    that the token completes (None while it completes no text); the token that ends the generation
+    (an eos id, one that completes a stop string, the max_tokens-th) returns the last chunk, with
+    finish_reason, usage and token_ids. token_ids, reasoning and content are what was handed out."""
+
+    def __init__(self, tokenizer, prompt, prompt_tokens, max_tokens, eos, stops, cached_tokens=0):
+        self._decoder = tokenizer.decoder()
+        self._stops = StopStrings(list(stops))
+        self._split = ReasoningSplit(prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE))
+        self._eos = frozenset(eos)
+        self._max_tokens = max_tokens
+        self._prompt_tokens, self._cached_tokens = prompt_tokens, cached_tokens
+        self.token_ids = []
+        self.reasoning = self.content = ""
+        self.finished = False
+
+    def add(self, token):
+        if self.finished:
+            raise ValueError("the generation has ended")
+        self.token_ids.append(int(token))
+        text, stopped = self._stops.feed(self._decoder.add(token))
+        if stopped or token in self._eos or len(self.token_ids) == self._max_tokens:
+            return self._last(text, stopped)
+        return self._chunk(Chunk(text, *self._split.feed(text))) if text else None
+
+    def _last(self, text, stopped):
+        self.finished = True
+        if not stopped:
+            rest, stopped = self._stops.feed(self._decoder.finish())
+            text += rest if stopped else rest + self._stops.flush()
+        finish_reason = "stop" if stopped or self.token_ids[-1] in self._eos else "length"
+        reasoning, content = self._split.feed(text)
+        rest_reasoning, rest_content = self._split.finish()
+        return self._chunk(Chunk(text, reasoning + rest_reasoning, content + rest_content, finish_reason,
+                                 Usage(self._prompt_tokens, len(self.token_ids), self._cached_tokens),
+                                 list(self.token_ids)))
+
+    def _chunk(self, chunk):
+        self.reasoning += chunk.reasoning
+        self.content += chunk.content
+        return chunk
+
+
+def generation(model, prompt, *, max_tokens=None, temperature=None, top_p=None, top_k=None,
+               min_p=None, presence_penalty=None, frequency_penalty=0.0, repetition_penalty=None, seed=None,
+               stop=None):
+    """A Generation of `prompt` driven step by step by its caller: complete's options, checked here,
+    and frequency_penalty."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    prompt_ids = model.tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    stops = _stop_strings(stop)
+    max_new_tokens = _max_new_tokens(model, prompt_ids, max_tokens)
+    frequency_penalty = _model._number(frequency_penalty, "frequency_penalty", lambda p: True, "a finite number")
+    sampler = _model.make_sampler(
+        model.vocab_size, seed=seed,
+        **_sampling(model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty))
+    sampler.add_prompt(_model._token_ids(prompt_ids, model.vocab_size, "prompt"))
+    eos = frozenset(model.generation.get("eos_token_ids") or [])
+    text = GenerationText(model.tokenizer, prompt, len(prompt_ids), max_new_tokens, eos, stops)
+    return Generation(prompt_ids, sampler, text, frequency_penalty, model.vocab_size)
+
+
+class Generation:
+    """One generation whose caller computes the logits (say, one batched forward for many of
+    them): feed `prompt_ids` to a session, then step(logits of its last token) samples the next
+    token, which the caller feeds back, until `finished`. Sampling is generate's; frequency_penalty
+    (as OpenAI's: subtracted once per time a token was generated) comes first."""
+
+    def __init__(self, prompt_ids, sampler, text, frequency_penalty, vocab_size):
+        self.prompt_ids = prompt_ids
+        self._sampler = sampler
+        self.text = text
+        self._frequency_penalty = frequency_penalty
+        self._counts = np.zeros(vocab_size, dtype=np.float32) if frequency_penalty else None
+
+    @property
+    def finished(self):
+        return self.text.finished
+
+    @property
+    def token_ids(self):
+        return self.text.token_ids
+
+    def step(self, logits):
+        """(the sampled token, the chunk it completes or None): GenerationText.add's."""
+        if self._counts is not None:
+            logits = logits - np.float32(self._frequency_penalty) * self._counts
+        token = self._sampler.sample(np.ascontiguousarray(logits, dtype=np.float32))
+        self._sampler.accept(token)
+        if self._counts is not None:
+            self._counts[token] += 1
+        return token, self.text.add(token)
 
 
 def _partial_match(text, word):

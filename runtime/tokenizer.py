@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders
 
 from ..formats import FormatError, files
 from .chat_template import ChatTemplate
@@ -57,6 +58,17 @@ class Tokenizer:
         """A new IncrementalDecoder over this tokenizer."""
         return IncrementalDecoder(self)
 
+    def token_bytes(self, token):
+        """The bytes one token stands for: with a byte-level vocabulary (Qwen's) a token may hold
+        part of a UTF-8 character, which decode() would show as U+FFFD."""
+        piece = self._backend.id_to_token(int(token))
+        if piece is None:
+            raise ValueError(f"token id {token} is not in the vocabulary")
+        if not isinstance(self._backend.decoder, decoders.ByteLevel) or \
+                int(token) in self._backend.get_added_tokens_decoder():  # added tokens are stored as text
+            return self.decode([token], skip_special_tokens=False).encode()
+        return bytes(BYTE_OF_CHARACTER[c] for c in piece)
+
     @property
     def chat_template(self):
         """The ChatTemplate, compiled on first use."""
@@ -66,6 +78,17 @@ class Tokenizer:
                                  f"in {CONFIG_FILE})")
             self._chat_template = ChatTemplate(self._chat_template_source, self.special_tokens)
         return self._chat_template
+
+
+def _byte_level_alphabet():
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte in a vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_OF_CHARACTER = _byte_level_alphabet()
 
 
 def _read_text(path):

@@ -20,7 +20,7 @@ import qwen3pack  # noqa: E402
 from qwen3pack.convert import convert  # noqa: E402
 from qwen3pack.runtime import ContextLengthError, Tokenizer  # noqa: E402
 from qwen3pack.runtime.chat_template import ChatTemplate  # noqa: E402
-from qwen3pack.runtime.text import ReasoningSplit, StopStrings  # noqa: E402
+from qwen3pack.runtime.text import ReasoningSplit, StopStrings, generation  # noqa: E402
 from qwen3pack.testing import make_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
@@ -247,6 +247,14 @@ def test_each_step_decodes_a_short_window_not_the_whole_output(source):
     assert max(windows) <= 8
 
 
+@pytest.mark.parametrize("text", [*MULTI_BYTE, "<|im_start|>user\n<think>x</think><|im_end|>"])
+def test_token_bytes_join_into_the_text_even_where_tokens_split_characters(source, text):
+    tokenizer = Tokenizer.from_directory(source)
+    ids = tokenizer.encode(text)
+    assert b"".join(tokenizer.token_bytes(token) for token in ids) == \
+        tokenizer.decode(ids, skip_special_tokens=False).encode()
+
+
 # ---------------------------------------------------------------- stop strings and the reasoning split
 
 
@@ -410,6 +418,45 @@ def test_bad_generation_arguments_are_value_errors(model):
     with pytest.raises(ContextLengthError, match=r"and max_tokens=250 need \d+ positions, beyond max_context"):
         model.chat(messages, max_tokens=250)
     assert issubclass(ContextLengthError, ValueError)
+
+
+# ---------------------------------------------------------------- generation stepped by its caller
+
+def stepped(model, generations):
+    """Runs generations together as a batching server does: one append_batch over all that are
+    unfinished, each fed its prompt first, then its last token."""
+    sessions = [model.session() for _ in generations]
+    fed = [g.prompt_ids for g in generations]
+    chunks = [[] for _ in generations]
+    while True:
+        live = [i for i, g in enumerate(generations) if not g.finished]
+        if not live:
+            return chunks
+        logits = model.append_batch([sessions[i] for i in live], [fed[i] for i in live])
+        for i, row in zip(live, logits):
+            token, chunk = generations[i].step(row)
+            fed[i] = [token]
+            if chunk is not None:
+                chunks[i].append(chunk)
+
+
+def test_generations_stepped_in_one_batch_equal_complete(model):
+    prompts = ["Once upon a time", "北京 😀", "<|im_start|>assistant\n<think>\n"]
+    options = [dict(max_tokens=20, temperature=0, repetition_penalty=1.8),
+               dict(max_tokens=12, temperature=1.0, seed=4, top_k=20),
+               dict(max_tokens=16, temperature=0.7, seed=2, repetition_penalty=2.0, stop="e")]
+    generations = [generation(model, p, **o) for p, o in zip(prompts, options)]
+    for chunks, prompt, option in zip(stepped(model, generations), prompts, options):
+        assert chunks == list(model.complete(prompt, stream=True, **option))
+
+
+def test_frequency_penalty_is_checked_and_discourages_repeats(model):
+    with pytest.raises(ValueError, match="^frequency_penalty must be a number, got 'x'$"):
+        generation(model, "Hi", frequency_penalty="x")
+    plain, penalized = stepped(model, [generation(model, "Once upon a time", max_tokens=30, temperature=0,
+                                                       frequency_penalty=f) for f in (0.0, 2.0)])
+    repeats = [len(chunks[-1].token_ids) - len(set(chunks[-1].token_ids)) for chunks in (plain, penalized)]
+    assert repeats[1] < repeats[0]
 
 
 # ---------------------------------------------------------------- conversations

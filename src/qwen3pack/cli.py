@@ -274,6 +274,41 @@ def _answer(conversation, line, sampling):
                                dim=True), err=True)
 
 
+@main.command("serve")
+@click.argument("directory", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on (0.0.0.0: all).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="The port to listen on (0: one the system picks; the URL printed says which).")
+@click.option("--threads", type=click.IntRange(min=1), help="Compute threads (default: all CPUs).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests computed together in one forward pass at most.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Requests waiting for a place in the batch at most; more get 429.")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Prompt tokens computed per step at most, so that a long prompt does not stall the streams.")
+@click.option("--max-context", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Tokens of prompt and answer of one request at most.")
+@click.option("--api-key", envvar="QWEN3PACK_API_KEY",
+              help="Require `Authorization: Bearer KEY` on every route but /health (or $QWEN3PACK_API_KEY).")
+@click.option("--served-model-name", help="The model's name in the API (default: DIRECTORY's name).")
+@click.option("--shutdown-timeout", type=click.IntRange(min=0), default=30, show_default=True,
+              help="Seconds that running requests may take to finish after SIGTERM or Ctrl-C.")
+def serve_command(directory, host, port, threads, max_batch, max_queue, prefill_chunk, max_context, api_key,
+                  served_model_name, shutdown_timeout):
+    """Serve the model over an OpenAI-compatible HTTP API (chat completions, completions, models),
+    streaming, with continuous batching of concurrent requests."""
+    from pathlib import Path
+    from .server import serve
+    model = _load(directory, threads, max_context)
+    try:
+        model.tokenizer.chat_template  # a model without text fails now, not at each request
+    except ValueError as error:
+        _fail(error)
+    name = served_model_name or Path(directory).resolve().name
+    serve(model, name, host, port, dict(max_batch=max_batch, max_waiting=max_queue, prefill_chunk=prefill_chunk),
+          api_key=api_key, shutdown_timeout=shutdown_timeout)
+
+
 def convert_main():
     """`qwen3-convert`: the same command as `qwen3pack convert`."""
     convert_command(prog_name="qwen3-convert")

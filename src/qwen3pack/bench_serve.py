@@ -1,0 +1,114 @@
+"""`make bench`, serving: `qwen3pack serve` started as a user starts it, then streamed chat requests
+sent at concurrency 1, 4 and 16 (the official `openai` client, one thread per stream). Printed per
+concurrency: the median time to first token, and the aggregate tokens per second (all streams'
+tokens over the wall time of the run) as a ratio to one stream's.
+
+The model is a random bf16 checkpoint with Qwen3-0.6B's widths and fewer layers (--layers), and
+the Qwen3-like test tokenizer (its small vocabulary: the weights of the layers dominate, as in a
+real model); answers are greedy with a repetition penalty, max_tokens long unless an eos id comes.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .bench import QWEN3_0_6B
+from .convert import convert
+from .testing import make_checkpoint
+
+
+def start_server(directory, threads, max_batch):
+    """(the process, its base URL), once it listens."""
+    process = subprocess.Popen([str(Path(sys.executable).parent / "qwen3pack"), "serve", str(directory), "--port", "0",
+                                "--threads", str(threads), "--max-batch", str(max_batch)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = process.stdout.readline()
+    if "http://" not in line:
+        process.kill()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    return process, line.split(" on ")[1].split()[0]
+
+
+def one_stream(client, model, prompt, tokens):
+    """(seconds to the first token, tokens received) of one streamed chat request."""
+    started = time.perf_counter()
+    first, usage = None, None
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens, stream=True,
+        stream_options={"include_usage": True}, temperature=0,
+        extra_body={"repetition_penalty": 1.3, "chat_template_kwargs": {"enable_thinking": False}})
+    for chunk in stream:
+        if first is None and chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
+            first = time.perf_counter() - started
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return first, usage.completion_tokens
+
+
+def batch_totals(url):
+    """(forward passes, requests in them) so far: the server's qwen3pack_batch_size histogram."""
+    import httpx
+    values = {}
+    for line in httpx.get(url.removesuffix("/v1") + "/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    return float(values["qwen3pack_batch_size_count"]), float(values["qwen3pack_batch_size_sum"])
+
+
+def run_at(client, url, model, concurrency, tokens):
+    """(median time to first token, aggregate tokens per second, mean batch of the server's forward
+    passes) of `concurrency` streams at once."""
+    prompts = [f"Request {i}: tell me about topic number {i}." for i in range(concurrency)]
+    steps, requests = batch_totals(url)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda prompt: one_stream(client, model, prompt, tokens), prompts))
+    seconds = time.perf_counter() - started
+    steps_after, requests_after = batch_totals(url)
+    return (statistics.median(first for first, _ in results), sum(count for _, count in results) / seconds,
+            (requests_after - requests) / (steps_after - steps))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
+    import openai
+    for name in ("NO_PROXY", "no_proxy"):  # the server on loopback is called directly, whatever proxy is set
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1"]))
+    with tempfile.TemporaryDirectory(prefix="qwen3pack-bench-serve-") as tmp:
+        work = Path(tmp)
+        widths = {k: v for k, v in QWEN3_0_6B.items() if k not in ("vocab_size", "num_hidden_layers")}
+        source = make_checkpoint(work / "source", qwen3_tokenizer=True, dtype="bf16", num_hidden_layers=args.layers,
+                                 **widths)
+        convert(source, work / "model", tp=args.tp)
+        process, url = start_server(work / "model", args.threads, max(args.concurrency))
+        try:
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+            model = client.models.list().data[0].id
+            run_at(client, url, model, 1, 4)  # warm-up
+            print(f"serve     Qwen3-0.6B widths, {args.layers} layers, bf16, tp {args.tp}, {args.threads} threads, "
+                  f"{args.tokens} tokens per streamed answer")
+            single = None
+            for concurrency in sorted({1, *args.concurrency}):  # one stream first: the baseline
+                ttft, rate, batch = run_at(client, url, model, concurrency, args.tokens)
+                single = single or rate
+                print(f"          concurrency {concurrency:3d}: time to first token {ttft * 1000:7.1f} ms (median), "
+                      f"{rate:8.1f} tokens/s in all ({rate / single:.2f} x one stream), "
+                      f"{batch:.1f} requests per forward pass", flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
