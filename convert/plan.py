@@ -116,6 +116,11 @@ def _check_generation_config(config, name):
             raise SourceError(f"{name}: {key}: {config[key]!r} is not {expected}")
 
 
+def plan_ranks(model, layout):
+    """The RankPlan of every rank, in rank order."""
+    return [_rank_plan(model, layout, rank) for rank in range(layout["world_size"])]
+
+
 def _rank_plan(model, layout, rank):
     records = rank_tensors(model, layout, rank)
     for record in records:
@@ -141,9 +146,8 @@ def make_plan(source_dir, tp, dtype="auto"):
     _check_sources(used, all_sources)
     sources = {name: all_sources[name] for name in used}
     ignored = sorted(set(all_sources) - set(used))
-    ranks = [_rank_plan(model, layout, rank) for rank in range(tp)]
     return Plan(source_dir, model, layout, _generation(raw_config, source_dir),
-                used, sources, ignored, ranks, source_files(source_dir, all_sources), copied_files(source_dir))
+                used, sources, ignored, plan_ranks(model, layout), source_files(source_dir, all_sources), copied_files(source_dir))
 
 
 def kv_cache_bytes_per_rank(model, layout, context):

@@ -5,6 +5,7 @@ Only safetensors headers are read here; the converter streams the bytes later, w
 import math
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,18 @@ class SourceTensor:
     shape: tuple
     offset: int         # absolute byte offset of the data in `file`
     nbytes: int
+
+    @property
+    def origin(self):
+        return self.file.name
+
+    @contextmanager
+    def row_reader(self):
+        """read_rows(first_row, buffer): fills `buffer` with the rows from `first_row` on."""
+        row_bytes = self.nbytes // (self.shape[0] if len(self.shape) == 2 else 1)
+        with open_regular(self.file) as f:
+            yield lambda first_row, buffer: read_bytes_into(f, buffer, self.offset + first_row * row_bytes,
+                                                            self.file)
 
 
 def resolve(source):

@@ -15,12 +15,15 @@ from ..formats.dtypes import DtypeOverflow, convert, element_size, storage_dtype
 from ..formats.rankfile import VERSION, RankFileWriter, crc_hex, rank_file_name
 from ..formats.reader import MANIFEST
 from .. import schema
-from .source import open_regular, read_bytes_into
+from .source import open_regular
 
 CHUNK_BYTES = 8 << 20  # source bytes read at a time: with the dtype conversion's temporaries, the memory bound
 HASH_CHUNK = 8 << 20
 # The exponent bits of each dtype, as an unsigned integer of its size: all ones is Inf or NaN.
 EXPONENT_MASKS = {"bf16": (np.uint16, 0x7F80), "f16": (np.uint16, 0x7C00), "f32": (np.uint32, 0x7F800000)}
+
+
+CONVERTER = f"qwen3pack {__version__}"
 
 
 class ConversionError(ValueError):
@@ -103,15 +106,17 @@ def _write_padding(dest):
 
 def _stream_tensor(source, dests, buffer, progress):
     """Reads one source tensor in chunks of rows, converts each chunk once per destination dtype,
-    and writes it to every rank that holds a part of it."""
+    and writes it to every rank that holds a part of it. `source` is a safetensors tensor or a
+    tensor gathered from rank files: anything with name, dtype, shape, nbytes, origin and
+    row_reader()."""
     rows_total = source.shape[0] if len(source.shape) == 2 else 1
     row_bytes = source.nbytes // rows_total
     rows_per_chunk = max(1, len(buffer) // row_bytes)
-    with open_regular(source.file) as f:
+    with source.row_reader() as read_rows:
         for first in range(0, rows_total, rows_per_chunk):
             count = min(rows_per_chunk, rows_total - first)
             chunk = memoryview(buffer)[:count * row_bytes]
-            read_bytes_into(f, chunk, source.offset + first * row_bytes, source.file)
+            read_rows(first, chunk)
             raw = np.frombuffer(chunk, dtype=storage_dtype(source.dtype)).reshape(count, -1)
             _check_finite(raw, source, first)
             converted = {}
@@ -135,7 +140,7 @@ def _check_finite(raw, source, first_row):
     if exponents.size and exponents.max() == mask:
         row, column = np.argwhere(exponents == mask)[0]
         position = [first_row + int(row), int(column)] if len(source.shape) == 2 else [int(column)]
-        raise ConversionError(f"{source.file.name}: tensor {source.name}: holds a NaN or infinite value "
+        raise ConversionError(f"{source.origin}: tensor {source.name}: holds a NaN or infinite value "
                               f"(at {position}); only finite weights are converted")
 
 
@@ -158,7 +163,7 @@ def _conversion_id(options, provenance_sources):
     return hashlib.sha256(identity).digest()[:16]
 
 
-def _manifest(plan, conversion_id, rank_entries, options, provenance_sources):
+def _manifest(plan, conversion_id, rank_entries, provenance):
     return {
         "format": "qwen3pack",
         "format_version": list(VERSION),
@@ -168,37 +173,50 @@ def _manifest(plan, conversion_id, rank_entries, options, provenance_sources):
         "rank_files": rank_entries,
         "tensors": plan.global_tensors,
         "generation": plan.generation,
-        "provenance": {"converter": f"qwen3pack {__version__}", "options": options,
-                       "sources": provenance_sources},
+        "provenance": provenance,
     }
 
 
 def write_directory(plan, staging, options):
-    """Writes the whole converted model into `staging` (an empty directory)."""
-    tp = plan.layout["world_size"]
-    files = plan.files
+    """Writes the whole conversion of a Hugging Face checkpoint into `staging` (an empty directory);
+    the source files are hashed for the provenance while the weights stream."""
     with ThreadPoolExecutor(max_workers=1) as hasher:  # hashing overlaps the conversion
-        hashes = [hasher.submit(sha256_of, path) for path in files]
-        writers = []
+        hashes = [hasher.submit(sha256_of, path) for path in plan.files]
+
+        def identity():
+            sources = [{"file": path.name, "sha256": h.result(), "size": path.stat().st_size}
+                       for path, h in zip(plan.files, hashes)]
+            provenance = {"converter": CONVERTER, "options": options, "sources": sources}
+            return _conversion_id(options, sources), provenance
+
         try:
-            for rank, rank_plan in enumerate(plan.ranks):
-                writers.append(RankFileWriter(staging / rank_file_name(rank, tp), rank, tp, rank_plan.header,
-                                              rank_plan.data_offset, rank_plan.file_size))
-            _stream_all(plan, writers)
-            provenance_sources = [{"file": path.name, "sha256": h.result(), "size": path.stat().st_size}
-                                  for path, h in zip(files, hashes)]
-            conversion_id = _conversion_id(options, provenance_sources)
-            rank_entries = []
-            for rank, writer in enumerate(writers):
-                header_crc = writer.finish(conversion_id)
-                rank_entries.append({"rank": rank, "file": writer.path.name, "size": writer.file_size,
-                                     "header_crc32c": crc_hex(header_crc)})
+            write_model(plan, staging, identity)
         finally:
-            for writer in writers:
-                writer.close()
             for h in hashes:
                 h.cancel()
-    manifest = _manifest(plan, conversion_id, rank_entries, options, provenance_sources)
+
+
+def write_model(plan, staging, identity):
+    """Writes the rank files of `plan` (its sources streamed into them), the manifest and the
+    copied files into `staging`. identity() gives (conversion id, provenance) once the data is
+    written."""
+    tp = plan.layout["world_size"]
+    writers = []
+    try:
+        for rank, rank_plan in enumerate(plan.ranks):
+            writers.append(RankFileWriter(staging / rank_file_name(rank, tp), rank, tp, rank_plan.header,
+                                          rank_plan.data_offset, rank_plan.file_size))
+        _stream_all(plan, writers)
+        conversion_id, provenance = identity()
+        rank_entries = []
+        for rank, writer in enumerate(writers):
+            header_crc = writer.finish(conversion_id)
+            rank_entries.append({"rank": rank, "file": writer.path.name, "size": writer.file_size,
+                                 "header_crc32c": crc_hex(header_crc)})
+    finally:
+        for writer in writers:
+            writer.close()
+    manifest = _manifest(plan, conversion_id, rank_entries, provenance)
     schema.validate(manifest, "manifest", MANIFEST)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     for path in plan.copied_files:
