@@ -7,9 +7,10 @@ from .plan import DTYPE_CHOICES, describe, make_plan
 from .source import SourceError, resolve
 from .interrupts import Interrupted
 from .output import commit_atomically
+from .reshard import reshard
 from .write import ConversionError, write_directory
 
-__all__ = ["convert", "dry_run", "ConfigError", "ConversionError", "Interrupted", "SourceError", "DTYPE_CHOICES"]
+__all__ = ["convert", "dry_run", "reshard", "ConfigError", "ConversionError", "Interrupted", "SourceError", "DTYPE_CHOICES"]
 
 
 def convert(source, output, tp=1, dtype="auto", force=False):

@@ -1,4 +1,5 @@
 """The `qwen3pack` command (and `qwen3-convert`, the same as `qwen3pack convert`)."""
+import contextlib
 import json
 import sys
 import time
@@ -43,8 +44,8 @@ def main():
 def convert_command(source, output, tp, dtype, dry_run, context, force):
     """Convert SOURCE (a local checkpoint directory or a hub id) into OUTPUT."""
     from . import convert
-    from .convert.interrupts import Interrupted, conversion_signals
-    try:
+    from .convert.interrupts import conversion_signals
+    with _reporting(output):
         if dry_run:
             click.echo(convert.dry_run(source, tp, dtype, context))
             return
@@ -53,18 +54,46 @@ def convert_command(source, output, tp, dtype, dry_run, context, force):
         # SIGINT and SIGTERM are handled until the report is out, so that what it says is true.
         with conversion_signals():
             plan = convert.convert(source, output, tp=tp, dtype=dtype, force=force)
-            size = sum(r.file_size for r in plan.ranks)
-            click.echo(f"wrote {output}: {len(plan.ranks)} rank files, {plan.tensor_count} tensors, "
-                       f"{size / 1e9:.3f} GB")
+            _report_written(output, plan)
+
+
+@contextlib.contextmanager
+def _reporting(output):
+    """Ends a command that writes OUTPUT on a user's error with one line, and on SIGINT or SIGTERM
+    with what became of OUTPUT."""
+    from .convert.interrupts import Interrupted
+    try:
+        yield
     except (*_user_errors(), OSError) as error:
         _fail(error)
     except Interrupted as interrupt:
         click.echo(f"interrupted: {output} is complete" if interrupt.output_complete
                    else "interrupted: nothing was written", err=True)
         sys.exit(interrupt.exit_status)
-    except KeyboardInterrupt:  # before the handlers were installed: nothing was converted yet
+    except KeyboardInterrupt:  # before the handlers were installed: nothing was written yet
         click.echo("interrupted: nothing was written", err=True)
         sys.exit(130)
+
+
+def _report_written(output, plan):
+    size = sum(r.file_size for r in plan.ranks)
+    click.echo(f"wrote {output}: {len(plan.ranks)} rank files, {plan.tensor_count} tensors, {size / 1e9:.3f} GB")
+
+
+@main.command("reshard")
+@click.argument("directory", type=click.Path())
+@click.argument("output", type=click.Path())
+@click.option("--tp", type=click.IntRange(min=1), required=True,
+              help="The new tensor-parallel world size: one rank file per rank.")
+@click.option("--force", is_flag=True,
+              help="Replace OUTPUT if it is a directory that qwen3pack wrote (never DIRECTORY, a symlink or a file).")
+def reshard_command(directory, output, tp, force):
+    """Rewrite the converted model in DIRECTORY for another tensor-parallel size into OUTPUT, from
+    its rank files alone (the checkpoint is not needed). The weights keep their dtype."""
+    from . import convert
+    from .convert.interrupts import conversion_signals
+    with _reporting(output), conversion_signals():
+        _report_written(output, convert.reshard(directory, output, tp=tp, force=force))
 
 
 @main.command("validate")
