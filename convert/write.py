@@ -21,9 +21,7 @@ CHUNK_BYTES = 8 << 20  # source bytes read at a time: with the dtype conversion'
 HASH_CHUNK = 8 << 20
 # The exponent bits of each dtype, as an unsigned integer of its size: all ones is Inf or NaN.
 EXPONENT_MASKS = {"bf16": (np.uint16, 0x7F80), "f16": (np.uint16, 0x7C00), "f32": (np.uint32, 0x7F800000)}
-
-
-CONVERTER = f"qwen3pack {__version__}"
+CONVERTER = f"qwen3pack {__version__}"  # the provenance's "converter"
 
 
 class ConversionError(ValueError):

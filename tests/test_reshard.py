@@ -193,6 +193,24 @@ def test_the_command_line_reshards_and_reports_in_one_line(tmp_path, checkpoints
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"wrote {tmp_path / 'tp4'}: 4 rank files, 72 tensors, ")
     assert validate(tmp_path / "tp4").ok
+    source_id = formats.open(tmp_path / "tp2").manifest["conversion_id"]
+    assert f"resharded    from conversion {source_id} at tp 2\n" in run_cli("inspect", tmp_path / "tp4").stdout
+
+
+def test_an_interrupt_mid_reshard_leaves_an_existing_output_untouched(tmp_path, checkpoints, monkeypatch):
+    from qwen3pack.convert import write
+    convert(checkpoints(**SMALL), tmp_path / "tp2", tp=2)
+    convert(checkpoints(**SMALL), tmp_path / "out", tp=1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(write, "_write_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reshard(tmp_path / "tp2", tmp_path / "out", 4, force=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tp2"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -150,6 +150,9 @@ def summary(converted):
         f"format       {manifest['format_version'][0]}.{manifest['format_version'][1]}, conversion {manifest['conversion_id']}",
         f"converted by {manifest['provenance']['converter']} with {manifest['provenance']['options']}",
     ]
+    resharded_from = manifest["provenance"].get("resharded_from")
+    if resharded_from:
+        lines.append(f"resharded    from conversion {resharded_from['conversion_id']} at tp {resharded_from['tp']}")
     for rank_file in converted.ranks:
         lines.append(f"  {rank_file.path.name}  {rank_file.file_size / 1e6:10.1f} MB  "
                      f"{len(rank_file.tensors)} tensors")
