@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <set>
@@ -38,6 +39,7 @@ Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector
     throw UsageError("max_context = " + std::to_string(max_context_) + " is out of range [1, 16777216]");
   if (options.threads < 1) throw UsageError("threads must be >= 1");
   threads_per_rank_ = std::max(1, options.threads / static_cast<int>(W));
+  matmul_kernel_ = select_matmul_kernel(std::getenv("QWEN3PACK_ISA"));
 
   files_.reserve(static_cast<size_t>(W));
   weights_.reserve(static_cast<size_t>(W));
@@ -176,7 +178,6 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
   }
   const size_t Nq = static_cast<size_t>(layout_.heads_per_rank), Nkv = static_cast<size_t>(layout_.kv_heads_per_rank);
   const size_t I = static_cast<size_t>(layout_.intermediate_per_rank), V = static_cast<size_t>(layout_.vocab_rows_per_rank);
-  const size_t widest = std::max({H, Nq * D, I});
   const size_t T = static_cast<size_t>(threads_per_rank_);
   for (RankWork& w : work_) {
     w.x.resize(N * H);
@@ -188,7 +189,6 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.act.resize(N * I);
     w.sel.resize(S * H);
     w.logits.resize(S * V);
-    w.scratch.resize(T * widest);
     w.scores.resize(T * static_cast<size_t>(max_keys));
   }
   gathered_.resize(W * S * V);
@@ -231,12 +231,17 @@ void Engine::check_finite(const std::vector<float>& logits) const {
 }
 
 void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, float* y) {
-  RankWork& work = work_[static_cast<size_t>(rank)];
-  const size_t in = static_cast<size_t>(w.cols), out = static_cast<size_t>(w.rows);
-  const size_t stride = work.scratch.size() / static_cast<size_t>(threads_per_rank_);
-  parallel_for(*pools_[static_cast<size_t>(rank)], out, [&](int part, size_t b, size_t e) {
-    matmul_rows(x, in, n, w.data, w.dtype, in, b, e, y, out, work.scratch.data() + static_cast<size_t>(part) * stride);
-  });
+  ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
+  MatmulArgs a;
+  a.x = x;
+  a.n = n;
+  a.in = static_cast<size_t>(w.cols);
+  a.out = static_cast<size_t>(w.rows);
+  a.w = w.data;
+  a.dt = w.dtype;
+  a.y = y;
+  // Each thread computes a contiguous range of rows: it streams its own part of W.
+  parallel_for(pool, a.out, [&](int, size_t b, size_t e) { matmul_kernel_.run(a, b, e); });
 }
 
 void Engine::rank_forward(int rank) {

@@ -1,0 +1,23 @@
+// The matrix-product kernels of each instruction set, behind the dispatch of kernels.cpp.
+// The AVX2 and AVX-512 files are compiled with their own target flags: they include nothing
+// but intrinsics and these declarations, so no inline function compiled for a wider ISA can be
+// shared with (and run by) the rest of the program.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace q3p {
+
+void matmul_generic(const MatmulArgs& a, size_t o0, size_t o1);
+float fma_loop_generic(size_t steps, float seed);
+
+#if defined(__x86_64__)
+void matmul_avx2(const MatmulArgs& a, size_t o0, size_t o1);
+void matmul_avx512(const MatmulArgs& a, size_t o0, size_t o1);
+float fma_loop_avx2(size_t steps, float seed);
+float fma_loop_avx512(size_t steps, float seed);
+#endif
+
+}  // namespace q3p
