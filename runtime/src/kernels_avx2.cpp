@@ -17,6 +17,7 @@ namespace {
 #define UNROLLED _Pragma("GCC unroll 16")
 
 constexpr size_t kRows = 4, kTokens = 2, kPanel = 32, kLanes = 8;
+constexpr size_t kMemoryBoundTokens = 4;  // up to this many tokens, tiles of one row (as AVX-512)
 
 inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
@@ -99,7 +100,8 @@ void matmul_avx2(const MatmulArgs& a, size_t o0, size_t o1) {
   for (size_t t0 = 0; t0 < a.n; t0 += kPanel) {
     const size_t t1 = min_size(a.n, t0 + kPanel);
     size_t o = o0;
-    for (; o + kRows <= o1; o += kRows) row_block<kRows>(a, o, t0, t1);
+    if (a.n > kMemoryBoundTokens)
+      for (; o + kRows <= o1; o += kRows) row_block<kRows>(a, o, t0, t1);
     for (; o < o1; ++o) row_block<1>(a, o, t0, t1);
   }
 }

@@ -6,7 +6,10 @@
 // Blocking: a tile of kRows weight rows meets kTokens tokens at once (kRows x kTokens
 // accumulators in registers, each widened weight vector used kTokens times); the tile's rows stay
 // in L1/L2 while it sweeps a panel of kPanel tokens, so each weight is read from memory once per
-// panel. Each y value's order of sums is fixed by `in` alone.
+// panel. Up to kMemoryBoundTokens tokens (decode) the product is memory-bound instead: tiles of one row
+// read W in address order, the one pattern the hardware prefetcher follows at full bandwidth
+// (interleaving 4 rows' streams halves it). Each y value's order of sums is fixed by `in` alone,
+// whatever the tile.
 #include <immintrin.h>
 
 #include "kernels_isa.h"
@@ -20,6 +23,7 @@ namespace {
 #define UNROLLED _Pragma("GCC unroll 16")
 
 constexpr size_t kRows = 4, kTokens = 4, kPanel = 32, kLanes = 16;
+constexpr size_t kMemoryBoundTokens = 4;  // up to this many tokens, tiles of one row
 
 inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
@@ -95,7 +99,8 @@ void matmul_avx512(const MatmulArgs& a, size_t o0, size_t o1) {
   for (size_t t0 = 0; t0 < a.n; t0 += kPanel) {
     const size_t t1 = min_size(a.n, t0 + kPanel);
     size_t o = o0;
-    for (; o + kRows <= o1; o += kRows) row_block<kRows>(a, o, t0, t1);
+    if (a.n > kMemoryBoundTokens)
+      for (; o + kRows <= o1; o += kRows) row_block<kRows>(a, o, t0, t1);
     for (; o < o1; ++o) row_block<1>(a, o, t0, t1);
   }
 }
