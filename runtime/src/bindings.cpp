@@ -317,7 +317,7 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
   const size_t n = x.shape(0), in = x.shape(1), out = w.shape(0);
   if (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt))
     throw q3p::UsageError("w must be [out, in] of " + dtype + " values");
-  const q3p::MatmulKernel kernel = q3p::select_matmul_kernel(isa.c_str());
+  const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
   q3p::MatmulArgs a;
   a.x = x.data();
   a.n = n;
@@ -327,12 +327,12 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
   a.dt = dt;
   std::vector<float> y(n * out);
   a.y = y.data();
-  kernel.run(a, 0, out);
+  kernel.matmul(a, 0, out);
   return make_array(std::move(y), {n, out});
 }
 
 double fma_peak_flops(const std::string& isa, double seconds) {
-  const q3p::MatmulKernel kernel = q3p::select_matmul_kernel(isa.c_str());
+  const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
   return without_gil([&] { return q3p::fma_peak_flops(kernel.isa, seconds); });
 }
 

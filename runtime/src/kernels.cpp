@@ -146,12 +146,12 @@ bool isa_supported(Isa isa) {
 }
 
 namespace {
-MatmulKernel kernel_for(Isa isa) {
+Kernels kernel_for(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::Avx512) return {isa, matmul_avx512};
-  if (isa == Isa::Avx2) return {isa, matmul_avx2};
+  if (isa == Isa::Avx512) return {isa, matmul_avx512, attention_scores_avx512, attention_values_avx512};
+  if (isa == Isa::Avx2) return {isa, matmul_avx2, attention_scores_generic, attention_values_generic};
 #endif
-  return {Isa::Generic, matmul_generic};
+  return {Isa::Generic, matmul_generic, attention_scores_generic, attention_values_generic};
 }
 }  // namespace
 
@@ -174,7 +174,7 @@ double fma_peak_flops(Isa isa, double seconds) {
   }
 }
 
-MatmulKernel select_matmul_kernel(const char* forced) {
+Kernels select_kernels(const char* forced) {
   const Isa all[] = {Isa::Avx512, Isa::Avx2, Isa::Generic};
   if (!forced || !*forced) {
     for (Isa isa : all)

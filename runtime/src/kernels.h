@@ -29,17 +29,25 @@ enum class Isa { Generic, Avx2, Avx512 };
 const char* isa_name(Isa isa);
 bool isa_supported(Isa isa);  // by this build and this CPU
 
-// One instruction set's product. run(a, o0, o1) computes the rows [o0, o1) of y; every y value
-// is summed in an order fixed by `in` alone (not by n, the row range or the thread).
-struct MatmulKernel {
+// One instruction set's kernels. Every value they compute is summed in an order fixed by the
+// sizes of its own sum (not by n, the row range or the thread).
+struct Kernels {
   Isa isa;
-  void (*run)(const MatmulArgs& a, size_t o0, size_t o1);
+  // The rows [o0, o1) of y = x W^T.
+  void (*matmul)(const MatmulArgs& a, size_t o0, size_t o1);
+  // Attention of G query heads q[g * D, (g + 1) * D) sharing one KV head, over nk keys and values
+  // at rows j * ld of k and v (one contiguous run of cache slots, read once for the G heads):
+  // scores[g * lds + j] = scale * (q_g . k_j), and out[g * D + d] += sum_j p[g * lds + j] v_j[d].
+  void (*attention_scores)(const float* q, size_t G, size_t D, const float* k, size_t ld, size_t nk, float scale,
+                           float* scores, size_t lds);
+  void (*attention_values)(const float* p, size_t lds, size_t G, const float* v, size_t ld, size_t nk, size_t D,
+                           float* out);
 };
 
 // The kernel named by `forced` (QWEN3PACK_ISA: "avx512", "avx2" or "generic") or, when
 // `forced` is null or empty, the fastest this CPU runs. Throws UsageError for an unknown name
 // or one this CPU or build lacks.
-MatmulKernel select_matmul_kernel(const char* forced);
+Kernels select_kernels(const char* forced);
 
 // Floating-point operations per second of one thread running independent f32 FMAs of `isa`
 // from registers only (the FMA peak the matrix kernels approach), timed over about `seconds`.

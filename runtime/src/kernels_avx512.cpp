@@ -116,4 +116,35 @@ float fma_loop_avx512(size_t steps, float seed) {
   return _mm512_reduce_add_ps(acc[0]);
 }
 
+void attention_scores_avx512(const float* q, size_t G, size_t D, const float* k, size_t ld, size_t nk, float scale,
+                             float* scores, size_t lds) {
+  for (size_t j = 0; j < nk; ++j) {
+    const float* key = k + j * ld;
+    for (size_t g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (size_t d = 0; d < D; d += kLanes) {
+        const __mmask16 mask = D - d >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + g * D + d), _mm512_maskz_loadu_ps(mask, key + d), acc);
+      }
+      scores[g * lds + j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+}
+
+void attention_values_avx512(const float* p, size_t lds, size_t G, const float* v, size_t ld, size_t nk, size_t D,
+                             float* out) {
+  for (size_t j = 0; j < nk; ++j) {
+    const float* value = v + j * ld;
+    for (size_t g = 0; g < G; ++g) {
+      const __m512 weight = _mm512_set1_ps(p[g * lds + j]);
+      float* o = out + g * D;
+      for (size_t d = 0; d < D; d += kLanes) {
+        const __mmask16 mask = D - d >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+        _mm512_mask_storeu_ps(o + d, mask, _mm512_fmadd_ps(weight, _mm512_maskz_loadu_ps(mask, value + d),
+                                                           _mm512_maskz_loadu_ps(mask, o + d)));
+      }
+    }
+  }
+}
+
 }  // namespace q3p

@@ -49,4 +49,16 @@ float fma_loop_generic(size_t steps, float seed) {
   return sum;
 }
 
+void attention_scores_generic(const float* q, size_t G, size_t D, const float* k, size_t ld, size_t nk, float scale,
+                              float* scores, size_t lds) {
+  for (size_t j = 0; j < nk; ++j)
+    for (size_t g = 0; g < G; ++g) scores[g * lds + j] = dot_f32(q + g * D, k + j * ld, D) * scale;
+}
+
+void attention_values_generic(const float* p, size_t lds, size_t G, const float* v, size_t ld, size_t nk, size_t D,
+                              float* out) {
+  for (size_t j = 0; j < nk; ++j)
+    for (size_t g = 0; g < G; ++g) axpy(out + g * D, p[g * lds + j], v + j * ld, D);
+}
+
 }  // namespace q3p
