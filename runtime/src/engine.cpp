@@ -371,7 +371,7 @@ void Engine::attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t p
 void Engine::attention(int rank, int64_t layer) {
   RankWork& w = work_[static_cast<size_t>(rank)];
   ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
-  const int64_t Nq = layout_.heads_per_rank, Nkv = layout_.kv_heads_per_rank;
+  const int64_t Nkv = layout_.kv_heads_per_rank;
   const size_t per_thread = w.scores.size() / static_cast<size_t>(threads_per_rank_);
 
   // See forward(): sequences whose new tokens do not wrap a ring write all their keys first,
