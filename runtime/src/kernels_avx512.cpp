@@ -22,7 +22,7 @@ namespace {
 // accumulator arrays live in registers (rolled, they stay in memory: a store per step each).
 #define UNROLLED _Pragma("GCC unroll 16")
 
-constexpr size_t kRows = 4, kTokens = 4, kPanel = 32, kLanes = 16;
+constexpr size_t kRows = 4, kTokens = 4, kPanel = 128, kLanes = 16;
 constexpr size_t kMemoryBoundTokens = 4;  // up to this many tokens, tiles of one row
 
 inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
