@@ -81,3 +81,9 @@ def test_the_demo_converts_validates_and_generates_text(tmp_path):
     assert "2. converted at tp=2" in result.stdout
     assert "3. validated: valid (2 rank files" in result.stdout
     assert "(8 tokens in" in result.stdout
+
+
+def test_bench_is_a_subcommand_with_the_benchmark_s_own_options():
+    result = run("bench", "--help")
+    assert result.returncode == 0
+    assert "--quick" in result.stdout and "--json" in result.stdout and "--size" in result.stdout

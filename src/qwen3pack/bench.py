@@ -6,9 +6,10 @@ tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank):
 - load time and time to first token of a 16-token prompt right after the load (page cache warm);
 - prefill tokens/s of a 512-token prompt; decode tokens/s over 128 tokens at batch 1, and in all
   at batch 4 and 16 (one token per sequence per step);
-- this machine's memory read bandwidth (numpy, same threads) and decode at batch 1 as a share of
-  that roofline (every weight byte read once per token); the peak f32 FMA rate of the threads
-  (a register-only loop) and prefill as a share of it (2 flops per weight per token);
+- this machine's memory read bandwidth (numpy, same threads, the best read of the run) and decode
+  at batch 1 as a share of that roofline (every weight byte read once per token); the peak f32
+  FMA rate of the threads (a register-only loop) and prefill as a share of it (2 flops per
+  weight per token);
 - transformers (torch CPU, bf16, same threads, same weights): prefill and decode, as ratios;
 - llama.cpp's llama-bench on the same weights when LLAMA_BENCH names it (the GGUF made by the
   convert_hf_to_gguf.py of LLAMA_CPP_DIR), as ratios; otherwise "llama.cpp: not found";
@@ -101,11 +102,12 @@ def matrix_weights(config):
 
 
 def memory_bandwidth(threads, nbytes):
-    """Bytes/s of reading an array of `nbytes`, split over `threads` threads (numpy releases the GIL)."""
+    """Bytes/s of reading an array of `nbytes`, split over `threads` threads (numpy releases the GIL):
+    the best of 5 reads, as a roofline is the most the machine gives (others' load only lowers it)."""
     from concurrent.futures import ThreadPoolExecutor
     chunks = np.array_split(np.ones(nbytes // 8, dtype=np.float64), threads)
     with ThreadPoolExecutor(threads) as pool:
-        return nbytes / median([seconds(lambda: list(pool.map(np.sum, chunks))) for _ in range(5)])
+        return nbytes / min(seconds(lambda: list(pool.map(np.sum, chunks))) for _ in range(5))
 
 
 # ------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def run(args):
                 if gguf:
                     baselines["llama.cpp"][t].append(bench_llama_cpp(gguf, t, p))
 
-        bandwidth = {t: median(v) for t, v in bandwidth.items()}
+        bandwidth = {t: max(v) for t, v in bandwidth.items()}
         flops_per_token = 2 * matrix_weights(config)
         runs = []
         for (tp, threads), got in samples.items():

@@ -115,6 +115,14 @@ def summary(converted):
     return "\n".join(lines)
 
 
+@main.command("bench", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(args):
+    """Speed beside transformers and llama.cpp, measured in one run (`qwen3pack bench --help`)."""
+    from . import bench
+    bench.main(list(args))
+
+
 def convert_main():
     """`qwen3-convert`: the same command as `qwen3pack convert`."""
     convert_command(prog_name="qwen3-convert")
