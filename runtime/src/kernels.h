@@ -44,7 +44,7 @@ struct Kernels {
                            float* out);
 };
 
-// The kernel named by `forced` (QWEN3PACK_ISA: "avx512", "avx2" or "generic") or, when
+// The kernels named by `forced` (QWEN3PACK_ISA: "avx512", "avx2" or "generic") or, when
 // `forced` is null or empty, the fastest this CPU runs. Throws UsageError for an unknown name
 // or one this CPU or build lacks.
 Kernels select_kernels(const char* forced);

@@ -1,6 +1,6 @@
 // The matrix product for AVX2 + FMA + F16C CPUs, compiled with those flags (see kernels_isa.h
-// for why this file includes nothing else). Weights of every dtype are widened to f32 and meet
-// f32 activations in FMAs; the blocking is that of kernels_avx512bf16.cpp with 8 lanes and
+// for why it uses no header's inline functions). Weights of every dtype are widened to f32 and meet
+// f32 activations in FMAs; the blocking is that of kernels_avx512.cpp with 8 lanes and
 // 16 registers: a tile of kRows weight rows meets kTokens tokens at once.
 #include <immintrin.h>
 

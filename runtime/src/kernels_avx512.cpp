@@ -1,15 +1,15 @@
-// The matrix product for AVX-512 CPUs (F, BW, VL), compiled with those flags (see kernels_isa.h
-// for why this file includes nothing else). Weights of every dtype are widened to f32 in
+// The kernels (matrix product, attention) for AVX-512 CPUs (F, BW, VL), compiled with those flags (see kernels_isa.h
+// for why it uses no header's inline functions). Weights of every dtype are widened to f32 in
 // registers and meet the f32 activations in FMAs, so the results match the generic kernel's to
 // f32 rounding (why not vdpbf16ps: see the README's performance section).
 //
 // Blocking: a tile of kRows weight rows meets kTokens tokens at once (kRows x kTokens
 // accumulators in registers, each widened weight vector used kTokens times); the tile's rows stay
 // in L1/L2 while it sweeps a panel of kPanel tokens, so each weight is read from memory once per
-// panel. Up to kMemoryBoundTokens tokens (decode) the product is memory-bound instead: tiles of one row
-// read W in address order, the one pattern the hardware prefetcher follows at full bandwidth
-// (interleaving 4 rows' streams halves it). Each y value's order of sums is fixed by `in` alone,
-// whatever the tile.
+// panel. Up to kMemoryBoundTokens tokens (decode) the product is memory-bound instead: tiles of
+// one row read W in address order, the one pattern the hardware prefetcher follows at full
+// bandwidth (4 interleaved rows' streams got a third of it). Each y value's order of sums is
+// fixed by `in` alone, whatever the tile.
 #include <immintrin.h>
 
 #include "kernels_isa.h"

@@ -1,7 +1,7 @@
-// The matrix-product kernels of each instruction set, behind the dispatch of kernels.cpp.
-// The AVX2 and AVX-512 files are compiled with their own target flags: they include nothing
-// but intrinsics and these declarations, so no inline function compiled for a wider ISA can be
-// shared with (and run by) the rest of the program.
+// The kernels of each instruction set, behind the dispatch of kernels.cpp. The AVX2 and AVX-512
+// files are compiled with their own target flags, so they use no inline function or template
+// of a header (only intrinsics, memcpy and their own code): the linker could otherwise keep
+// their copy, compiled for a wider ISA, for the whole program.
 #pragma once
 #include <cstddef>
 #include <cstdint>
