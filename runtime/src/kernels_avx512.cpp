@@ -93,6 +93,15 @@ void row_block(const MatmulArgs& a, size_t o, size_t t0, size_t t1) {
   partial_tile<R, kTokens>(a, o, t, t1 - t);
 }
 
+// Asks for the `rows` weight rows from row o into L2, while the current tile computes: a tile's
+// rows are read interleaved, a pattern the hardware prefetcher follows poorly (8 and 16 tokens by
+// 86016 x 1024 bf16 rows, one thread: +12%; 128 tokens and more: no change).
+inline void prefetch_rows(const MatmulArgs& a, size_t o, size_t rows) {
+  const size_t esize = a.dt == DType::F32 ? 4 : 2;
+  const char* first = static_cast<const char*>(a.w) + o * a.in * esize;
+  for (size_t b = 0; b < rows * a.in * esize; b += 64) _mm_prefetch(first + b, _MM_HINT_T1);
+}
+
 }  // namespace
 
 void matmul_avx512(const MatmulArgs& a, size_t o0, size_t o1) {
@@ -100,7 +109,10 @@ void matmul_avx512(const MatmulArgs& a, size_t o0, size_t o1) {
     const size_t t1 = min_size(a.n, t0 + kPanel);
     size_t o = o0;
     if (a.n > kMemoryBoundTokens)
-      for (; o + kRows <= o1; o += kRows) row_block<kRows>(a, o, t0, t1);
+      for (; o + kRows <= o1; o += kRows) {
+        if (o + 2 * kRows <= o1) prefetch_rows(a, o + kRows, kRows);
+        row_block<kRows>(a, o, t0, t1);
+      }
     for (; o < o1; ++o) row_block<1>(a, o, t0, t1);
   }
 }
