@@ -14,6 +14,12 @@
 
 #include "kernels_isa.h"
 
+// Several of GCC 12's AVX-512 intrinsics start from an _mm512_undefined_*() vector, which
+// -Wuninitialized and -Wmaybe-uninitialized report at every inlined use (GCC bug 105593, fixed
+// in GCC 13).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace q3p {
 
 namespace {
