@@ -153,3 +153,9 @@ def test_text_commands_report_bad_values_in_one_line(chat_model, tmp_path, args,
     result = run(*[a.format(model=chat_model, missing=missing, bare=bare) for a in args])
     assert result.returncode == 1
     assert result.stderr.startswith(message.format(missing=missing)) and result.stderr.count("\n") == 1
+
+
+def test_bench_is_a_subcommand_with_the_benchmark_s_own_options():
+    result = run("bench", "--help")
+    assert result.returncode == 0
+    assert "--quick" in result.stdout and "--json" in result.stdout and "--size" in result.stdout

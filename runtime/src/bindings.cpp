@@ -16,6 +16,7 @@
 #include "crc32c.h"
 #include "engine.h"
 #include "fs_ops.h"
+#include "kernels.h"
 #include "sampling.h"
 
 namespace nb = nanobind;
@@ -307,6 +308,42 @@ std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::
   return result;
 }
 
+// y = x W^T with one instruction set's kernel, as the engine runs it (for the kernel tests).
+// W holds the raw values of dtype `dtype` (f32, or the 16-bit patterns of bf16/f16).
+FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
+                           nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> w, const std::string& dtype,
+                           const std::string& isa) {
+  q3p::DType dt;
+  if (!q3p::parse_dtype(dtype, &dt)) throw q3p::UsageError("unknown dtype " + dtype);
+  const size_t n = x.shape(0), in = x.shape(1), out = w.shape(0);
+  if (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt))
+    throw q3p::UsageError("w must be [out, in] of " + dtype + " values");
+  const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
+  q3p::MatmulArgs a;
+  a.x = x.data();
+  a.n = n;
+  a.in = in;
+  a.out = out;
+  a.w = w.data();
+  a.dt = dt;
+  std::vector<float> y(n * out);
+  a.y = y.data();
+  kernel.matmul(a, 0, out);
+  return make_array(std::move(y), {n, out});
+}
+
+double fma_peak_flops(const std::string& isa, double seconds) {
+  const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
+  return without_gil([&] { return q3p::fma_peak_flops(kernel.isa, seconds); });
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (q3p::Isa isa : {q3p::Isa::Generic, q3p::Isa::Avx2, q3p::Isa::Avx512})
+    if (q3p::isa_supported(isa)) names.push_back(q3p::isa_name(isa));
+  return names;
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -317,6 +354,11 @@ NB_MODULE(_core, m) {
         "renameat2(RENAME_NOREPLACE): 0, or the errno (EEXIST when `target` exists).");
   m.def("rename_exchange", &q3p::rename_exchange, nb::arg("a"), nb::arg("b"),
         "renameat2(RENAME_EXCHANGE): swaps two paths atomically; 0, or the errno.");
+  m.def("supported_isas", &supported_isas, "The matrix kernels' instruction sets this machine runs, generic first.");
+  m.def("fma_peak_flops", &fma_peak_flops, "isa"_a = "", "seconds"_a = 0.2,
+        "f32 FMA operations per second of one thread from registers (isa: QWEN3PACK_ISA's names, '' the best).");
+  m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a,
+        "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns).");
 
   nb::exception<q3p::FormatError>(m, "FormatError", PyExc_ValueError);
   nb::exception<q3p::UsageError>(m, "UsageError", PyExc_ValueError);
@@ -374,6 +416,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("world_size", [](const EngineHandle& h) { return h.get().layout().world_size; })
       .def_prop_ro("threads", [](const EngineHandle& h) { return h.get().threads(); })
       .def_prop_ro("threads_per_rank", [](const EngineHandle& h) { return h.get().threads_per_rank(); })
+      .def_prop_ro("isa", [](const EngineHandle& h) { return std::string(h.get().isa()); })
       .def("new_session",
            [](const EngineHandle& h) {
              auto s = std::make_unique<Session>();

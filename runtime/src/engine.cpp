@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <set>
@@ -38,6 +39,7 @@ Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector
     throw UsageError("max_context = " + std::to_string(max_context_) + " is out of range [1, 16777216]");
   if (options.threads < 1) throw UsageError("threads must be >= 1");
   threads_per_rank_ = std::max(1, options.threads / static_cast<int>(W));
+  kernels_ = select_kernels(std::getenv("QWEN3PACK_ISA"));
 
   files_.reserve(static_cast<size_t>(W));
   weights_.reserve(static_cast<size_t>(W));
@@ -193,7 +195,6 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
   }
   const size_t Nq = static_cast<size_t>(layout_.heads_per_rank), Nkv = static_cast<size_t>(layout_.kv_heads_per_rank);
   const size_t I = static_cast<size_t>(layout_.intermediate_per_rank), V = static_cast<size_t>(layout_.vocab_rows_per_rank);
-  const size_t widest = std::max({H, Nq * D, I});
   const size_t T = static_cast<size_t>(threads_per_rank_);
   for (RankWork& w : work_) {
     w.x.resize(N * H);
@@ -205,8 +206,7 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.act.resize(N * I);
     w.sel.resize(S * H);
     w.logits.resize(S * V);
-    w.scratch.resize(T * widest);
-    w.scores.resize(T * static_cast<size_t>(max_keys));
+    w.scores.resize(T * (Nq / Nkv) * static_cast<size_t>(max_keys));
   }
   gathered_.resize(W * S * V);
   comm_->reserve(N * H);
@@ -248,12 +248,17 @@ void Engine::check_finite(const std::vector<float>& logits) const {
 }
 
 void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, float* y) {
-  RankWork& work = work_[static_cast<size_t>(rank)];
-  const size_t in = static_cast<size_t>(w.cols), out = static_cast<size_t>(w.rows);
-  const size_t stride = work.scratch.size() / static_cast<size_t>(threads_per_rank_);
-  parallel_for(*pools_[static_cast<size_t>(rank)], out, [&](int part, size_t b, size_t e) {
-    matmul_rows(x, in, n, w.data, w.dtype, in, b, e, y, out, work.scratch.data() + static_cast<size_t>(part) * stride);
-  });
+  ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
+  MatmulArgs a;
+  a.x = x;
+  a.n = n;
+  a.in = static_cast<size_t>(w.cols);
+  a.out = static_cast<size_t>(w.rows);
+  a.w = w.data;
+  a.dt = w.dtype;
+  a.y = y;
+  // Each thread computes a contiguous range of rows: it streams its own part of W.
+  parallel_for(pool, a.out, [&](int, size_t b, size_t e) { kernels_.matmul(a, b, e); });
 }
 
 void Engine::rank_forward(int rank) {
@@ -344,35 +349,47 @@ void Engine::store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t
   std::memcpy(cache.values(rank, layer, slot) + off, row + (Nq + Nkv) * D + off, count * sizeof(float));
 }
 
-// One query (token t at position pos, local head h) against the cached keys it may see.
-void Engine::attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t h, float* scores) {
+// The queries of token t (at position pos) in the local heads that share KV head g, against the
+// cached keys they may see: positions [lo, pos], in at most two runs of consecutive slots (a
+// sliding layer's ring wraps once), each read once for all the heads of the group.
+void Engine::attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t g, float* scores) {
   const size_t D = static_cast<size_t>(model_.head_dim);
-  const int64_t Nq = layout_.heads_per_rank, Nkv = layout_.kv_heads_per_rank;
-  const int64_t g = h / (Nq / Nkv);
+  const size_t Nq = static_cast<size_t>(layout_.heads_per_rank), Nkv = static_cast<size_t>(layout_.kv_heads_per_rank);
+  const size_t G = Nq / Nkv, ld = static_cast<size_t>(kv_geometry_.row);
   RankWork& w = work_[static_cast<size_t>(rank)];
-  const float* q = w.qkv.data() + t * static_cast<size_t>(Nq + 2 * Nkv) * D + static_cast<size_t>(h) * D;
+  const size_t lds = w.scores.size() / (static_cast<size_t>(threads_per_rank_) * G);  // one head's scores
+  const float* q = w.qkv.data() + t * (Nq + 2 * Nkv) * D + static_cast<size_t>(g) * G * D;
+  float* out = w.attn.data() + t * Nq * D + static_cast<size_t>(g) * G * D;
   const bool sliding = model_.sliding[static_cast<size_t>(layer)];
   const int64_t lo = sliding ? std::max<int64_t>(0, pos - model_.sliding_window + 1) : 0;
   const size_t nk = static_cast<size_t>(pos - lo + 1);
   const size_t goff = static_cast<size_t>(g) * D;
-  for (size_t j = 0; j < nk; ++j) {
-    const int64_t slot = cache.slot(layer, lo + static_cast<int64_t>(j));
-    scores[j] = dot_f32(q, cache.keys(rank, layer, slot) + goff, D) * attn_scale_;
-  }
-  softmax(scores, nk);
-  float* out = w.attn.data() + t * static_cast<size_t>(Nq) * D + static_cast<size_t>(h) * D;
-  std::fill_n(out, D, 0.0f);
-  for (size_t j = 0; j < nk; ++j) {
-    const int64_t slot = cache.slot(layer, lo + static_cast<int64_t>(j));
-    axpy(out, scores[j], cache.values(rank, layer, slot) + goff, D);
-  }
+  const int64_t ring = cache.ring(layer);
+
+  // Calls fn(first key index, slot, keys in the run) for each run of consecutive slots.
+  auto for_each_run = [&](auto&& fn) {
+    for (int64_t p = lo; p <= pos;) {
+      const int64_t slot = cache.slot(layer, p);
+      const int64_t run = ring ? std::min(pos - p + 1, ring - slot) : pos - p + 1;
+      fn(static_cast<size_t>(p - lo), slot, static_cast<size_t>(run));
+      p += run;
+    }
+  };
+  for_each_run([&](size_t j, int64_t slot, size_t run) {
+    kernels_.attention_scores(q, G, D, cache.keys(rank, layer, slot) + goff, ld, run, attn_scale_, scores + j, lds);
+  });
+  for (size_t h = 0; h < G; ++h) softmax(scores + h * lds, nk);
+  std::fill_n(out, G * D, 0.0f);
+  for_each_run([&](size_t j, int64_t slot, size_t run) {
+    kernels_.attention_values(scores + j, lds, G, cache.values(rank, layer, slot) + goff, ld, run, D, out);
+  });
 }
 
 void Engine::attention(int rank, int64_t layer) {
   RankWork& w = work_[static_cast<size_t>(rank)];
   ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
-  const int64_t Nq = layout_.heads_per_rank, Nkv = layout_.kv_heads_per_rank;
-  const size_t max_keys = w.scores.size() / static_cast<size_t>(threads_per_rank_);
+  const int64_t Nkv = layout_.kv_heads_per_rank;
+  const size_t per_thread = w.scores.size() / static_cast<size_t>(threads_per_rank_);
 
   // See forward(): sequences whose new tokens do not wrap a ring write all their keys first,
   // then all their queries attend in parallel.
@@ -384,11 +401,11 @@ void Engine::attention(int rank, int64_t layer) {
       store_kv(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], 0, Nkv);
     }
   });
-  parallel_for(pool, bulk_tokens.size() * static_cast<size_t>(Nq), [&](int part, size_t b, size_t e) {
-    float* scores = w.scores.data() + static_cast<size_t>(part) * max_keys;
+  parallel_for(pool, bulk_tokens.size() * static_cast<size_t>(Nkv), [&](int part, size_t b, size_t e) {
+    float* scores = w.scores.data() + static_cast<size_t>(part) * per_thread;
     for (size_t i = b; i < e; ++i) {
-      const size_t t = bulk_tokens[i / static_cast<size_t>(Nq)];
-      attend(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], static_cast<int64_t>(i % static_cast<size_t>(Nq)), scores);
+      const size_t t = bulk_tokens[i / static_cast<size_t>(Nkv)];
+      attend(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], static_cast<int64_t>(i % static_cast<size_t>(Nkv)), scores);
     }
   });
   if (!sliding) return;
@@ -396,17 +413,15 @@ void Engine::attention(int rank, int64_t layer) {
   // A sequence whose new tokens wrap the ring of a sliding layer writes and attends token by
   // token, or a later token's key would overwrite one that an earlier token needs. Its KV heads
   // go in parallel: each task touches only the slots' part of its own heads.
-  const int64_t group = Nq / Nkv;
   for (size_t si : wrapping_seqs_) {
     const Seq& s = seqs_[si];
     parallel_for(pool, static_cast<size_t>(Nkv), [&](int part, size_t b, size_t e) {
-      float* scores = w.scores.data() + static_cast<size_t>(part) * max_keys;
+      float* scores = w.scores.data() + static_cast<size_t>(part) * per_thread;
       for (size_t j = 0; j < s.n; ++j) {
         const size_t t = s.first_token + j;
         const int64_t pos = s.pos0 + static_cast<int64_t>(j);
         store_kv(rank, layer, *s.cache, t, pos, static_cast<int64_t>(b), static_cast<int64_t>(e));
-        for (int64_t h = static_cast<int64_t>(b) * group; h < static_cast<int64_t>(e) * group; ++h)
-          attend(rank, layer, *s.cache, t, pos, h, scores);
+        for (size_t g = b; g < e; ++g) attend(rank, layer, *s.cache, t, pos, static_cast<int64_t>(g), scores);
       }
     });
   }

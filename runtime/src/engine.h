@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "comm.h"
+#include "kernels.h"
 #include "kv_cache.h"
 #include "mapped_file.h"
 #include "model_config.h"
@@ -54,6 +55,8 @@ class Engine {
   int64_t max_context() const { return max_context_; }
   int threads() const { return threads_per_rank_ * static_cast<int>(layout_.world_size); }
   int threads_per_rank() const { return threads_per_rank_; }
+  // The instruction set of the matrix kernels (QWEN3PACK_ISA at construction, else the best).
+  const char* isa() const { return isa_name(kernels_.isa); }
   bool closed() const { return closed_.load(); }
   // True in a child forked after the engine was made: its threads and locks are the parent's,
   // so the child must neither use it nor destroy it (see bindings.cpp).
@@ -79,8 +82,7 @@ class Engine {
  private:
   struct RankWork {
     std::vector<float> x, xn, qkv, attn, proj, gate_up, act, sel, logits;
-    std::vector<float> scratch;  // pool threads x the widest matmul input
-    std::vector<float> scores;   // pool threads x the most keys of one query
+    std::vector<float> scores;   // pool threads x query heads per KV head x the most keys of one query
   };
   struct Seq {  // one request during a forward
     KVCache* cache;
@@ -94,7 +96,7 @@ class Engine {
   void rank_forward(int rank);
   void matmul(int rank, const float* x, size_t n, const TensorView& w, float* y);
   void attention(int rank, int64_t layer);
-  void attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t head, float* scores);
+  void attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_head, float* scores);
   void store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_begin, int64_t kv_end);
 
   ModelConfig model_;
@@ -106,6 +108,7 @@ class Engine {
   KVGeometry kv_geometry_;
   RopeTables rope_;
   float attn_scale_;
+  Kernels kernels_;
 
   std::vector<MappedFile> files_;
   std::vector<RankWeights> weights_;

@@ -1,7 +1,11 @@
 #include "kernels.h"
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <string>
+
+#include "kernels_isa.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -75,22 +79,6 @@ float dot_f32(const float* a, const float* b, size_t n) {
   return acc[0];
 }
 
-void matmul_rows(const float* x, size_t ldx, size_t n, const void* w, DType dt, size_t in, size_t o0,
-                 size_t o1, float* y, size_t ldy, float* scratch) {
-  const size_t esize = dtype_size(dt);
-  for (size_t o = o0; o < o1; ++o) {
-    const void* row_raw = static_cast<const uint8_t*>(w) + o * in * esize;
-    const float* row;
-    if (dt == DType::F32) {
-      row = static_cast<const float*>(row_raw);
-    } else {
-      to_f32(row_raw, dt, scratch, in);
-      row = scratch;
-    }
-    for (size_t t = 0; t < n; ++t) y[t * ldy + o] = dot_f32(x + t * ldx, row, in);
-  }
-}
-
 void rmsnorm(const float* x, const float* w, float eps, float* y, size_t n) {
   double ss = 0.0;
   for (size_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
@@ -135,6 +123,71 @@ void axpy(float* y, float s, const float* a, size_t n) {
 }
 void add(float* y, const float* a, size_t n) {
   for (size_t i = 0; i < n; ++i) y[i] += a[i];
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+bool isa_supported(Isa isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == Isa::Avx2) return avx2;
+  if (isa == Isa::Avx512)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+#endif
+  return isa == Isa::Generic;
+}
+
+namespace {
+Kernels kernel_for(Isa isa) {
+#if defined(__x86_64__)
+  if (isa == Isa::Avx512) return {isa, matmul_avx512, attention_scores_avx512, attention_values_avx512};
+  if (isa == Isa::Avx2) return {isa, matmul_avx2, attention_scores_generic, attention_values_generic};
+#endif
+  return {Isa::Generic, matmul_generic, attention_scores_generic, attention_values_generic};
+}
+}  // namespace
+
+double fma_peak_flops(Isa isa, double seconds) {
+  float (*loop)(size_t, float) = fma_loop_generic;
+  double flops_per_step = 16 * 2;
+#if defined(__x86_64__)
+  if (isa == Isa::Avx512) loop = fma_loop_avx512, flops_per_step = 12 * 16 * 2;
+  if (isa == Isa::Avx2) loop = fma_loop_avx2, flops_per_step = 12 * 8 * 2;
+#endif
+  using Clock = std::chrono::steady_clock;
+  volatile float sink = 0.0f;  // the loop's result is used: it cannot be optimized away
+  size_t steps = 1 << 16;
+  for (;;) {
+    const Clock::time_point start = Clock::now();
+    sink = sink + loop(steps, 1e-3f);
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    if (elapsed >= seconds || steps >= (size_t(1) << 40)) return static_cast<double>(steps) * flops_per_step / elapsed;
+    steps *= 2;
+  }
+}
+
+Kernels select_kernels(const char* forced) {
+  const Isa all[] = {Isa::Avx512, Isa::Avx2, Isa::Generic};
+  if (!forced || !*forced) {
+    for (Isa isa : all)
+      if (isa_supported(isa)) return kernel_for(isa);
+  }
+  std::string supported;
+  for (Isa isa : all) {
+    if (!isa_supported(isa)) continue;
+    if (std::string(forced) == isa_name(isa)) return kernel_for(isa);
+    supported += std::string(supported.empty() ? "" : ", ") + isa_name(isa);
+  }
+  throw UsageError("QWEN3PACK_ISA=" + std::string(forced) + " is not an instruction set this machine runs (" +
+                   supported + ")");
 }
 
 }  // namespace q3p

@@ -14,10 +14,44 @@ void to_f32(const void* src, DType dt, float* dst, size_t n);
 // sum_i a[i] * b[i], with 16 partial sums in a fixed order.
 float dot_f32(const float* a, const float* b, size_t n);
 
-// Rows [o0, o1) of y = x W^T: y[t * ldy + o] = sum_i x[t * ldx + i] * W[o, i] for t in [0, n).
-// W is [out, in] row-major with dtype `dt`. `scratch` holds `in` floats (for bf16/f16 rows).
-void matmul_rows(const float* x, size_t ldx, size_t n, const void* w, DType dt, size_t in, size_t o0,
-                 size_t o1, float* y, size_t ldy, float* scratch);
+// y = x W^T: y[t * out + o] = sum_i x[t * in + i] * W[o, i] for t in [0, n), o in [0, out).
+// W is [out, in] row-major with dtype `dt`; the sums are in f32.
+struct MatmulArgs {
+  const float* x = nullptr;
+  size_t n = 0, in = 0, out = 0;
+  const void* w = nullptr;
+  DType dt = DType::F32;
+  float* y = nullptr;
+};
+
+// The instruction sets with matrix kernels, from the most portable.
+enum class Isa { Generic, Avx2, Avx512 };
+const char* isa_name(Isa isa);
+bool isa_supported(Isa isa);  // by this build and this CPU
+
+// One instruction set's kernels. Every value they compute is summed in an order fixed by the
+// sizes of its own sum (not by n, the row range or the thread).
+struct Kernels {
+  Isa isa;
+  // The rows [o0, o1) of y = x W^T.
+  void (*matmul)(const MatmulArgs& a, size_t o0, size_t o1);
+  // Attention of G query heads q[g * D, (g + 1) * D) sharing one KV head, over nk keys and values
+  // at rows j * ld of k and v (one contiguous run of cache slots, read once for the G heads):
+  // scores[g * lds + j] = scale * (q_g . k_j), and out[g * D + d] += sum_j p[g * lds + j] v_j[d].
+  void (*attention_scores)(const float* q, size_t G, size_t D, const float* k, size_t ld, size_t nk, float scale,
+                           float* scores, size_t lds);
+  void (*attention_values)(const float* p, size_t lds, size_t G, const float* v, size_t ld, size_t nk, size_t D,
+                           float* out);
+};
+
+// The kernels named by `forced` (QWEN3PACK_ISA: "avx512", "avx2" or "generic") or, when
+// `forced` is null or empty, the fastest this CPU runs. Throws UsageError for an unknown name
+// or one this CPU or build lacks.
+Kernels select_kernels(const char* forced);
+
+// Floating-point operations per second of one thread running independent f32 FMAs of `isa`
+// from registers only (the FMA peak the matrix kernels approach), timed over about `seconds`.
+double fma_peak_flops(Isa isa, double seconds);
 
 // y = x * rsqrt(mean(x^2) + eps) * w, over n elements (x and y may alias).
 void rmsnorm(const float* x, const float* w, float eps, float* y, size_t n);

@@ -2,29 +2,61 @@
 
 #include <algorithm>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace q3p {
+
+namespace {
+// About 35 microseconds of spinning (a pause is ~65 cycles on Zen, ~140 on recent Intel cores):
+// longer than most gaps between a forward's parallel steps. On a 2-core machine that others were
+// using too, 2 threads decoded Qwen3-0.6B shapes 15% faster than sleeping at once (medians of 5
+// interleaved runs: 25.8 against 22.4 tokens/s at tp 1, 23.9 against 20.8 at tp 2), though
+// slower in the runs where the machine was busiest; 20000 spins were no better, and erratic.
+constexpr int kSpins = 2000;
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+}  // namespace
+
+void wake_all(std::mutex& mu, std::condition_variable& cv) {
+  // A waiter checks its condition under `mu` before it sleeps: taking `mu` here orders this
+  // wake-up after that check, so none is lost.
+  { std::lock_guard<std::mutex> lock(mu); }
+  cv.notify_all();
+}
+
+template <class Ready>
+void spin_then_wait(std::mutex& mu, std::condition_variable& cv, Ready ready) {
+  for (int i = 0; i < kSpins; ++i) {
+    if (ready()) return;
+    cpu_relax();
+  }
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, ready);
+}
 
 ThreadPool::ThreadPool(int n_threads) : n_(n_threads < 1 ? 1 : n_threads) {
   threads_.reserve(static_cast<size_t>(n_ - 1));
   try {
     for (int i = 1; i < n_; ++i) threads_.emplace_back(&ThreadPool::worker, this, i);
   } catch (...) {  // could not start a thread: stop the ones that did, then report
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    start_cv_.notify_all();
-    for (auto& t : threads_) t.join();
+    stop_threads();
     throw;
   }
 }
 
-ThreadPool::~ThreadPool() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  start_cv_.notify_all();
+ThreadPool::~ThreadPool() { stop_threads(); }
+
+void ThreadPool::stop_threads() {
+  stop_ = true;
+  wake_all(mu_, start_cv_);
   for (auto& t : threads_) t.join();
 }
 
@@ -35,17 +67,11 @@ void ThreadPool::run_share(int thread_index) {
 void ThreadPool::worker(int index) {
   unsigned long seen = 0;
   for (;;) {
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      start_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-    }
+    spin_then_wait(mu_, start_cv_, [&] { return stop_.load() || generation_.load() != seen; });
+    if (stop_) return;
+    seen = generation_;
     run_share(index);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_cv_.notify_one();
-    }
+    if (pending_.fetch_sub(1) == 1) wake_all(mu_, done_cv_);
   }
 }
 
@@ -55,17 +81,13 @@ void ThreadPool::run(int n_tasks, const std::function<void(int)>& fn) {
     for (int i = 0; i < n_tasks; ++i) fn(i);
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    job_ = &fn;
-    n_tasks_ = n_tasks;
-    pending_ = n_ - 1;
-    ++generation_;
-  }
-  start_cv_.notify_all();
+  job_ = &fn;
+  n_tasks_ = n_tasks;
+  pending_ = n_ - 1;
+  generation_.fetch_add(1);  // publishes job_ and n_tasks_ to the workers (sequentially consistent)
+  wake_all(mu_, start_cv_);
   run_share(0);
-  std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [&] { return pending_ == 0; });
+  spin_then_wait(mu_, done_cv_, [&] { return pending_.load() == 0; });
   job_ = nullptr;
 }
 
@@ -83,15 +105,14 @@ void parallel_for(ThreadPool& pool, size_t n, const std::function<void(int, size
 }
 
 void Barrier::wait() {
-  std::unique_lock<std::mutex> lock(mu_);
-  const unsigned long gen = generation_;
-  if (++count_ == n_) {
+  const unsigned long gen = generation_.load();
+  if (count_.fetch_add(1) + 1 == n_) {
     count_ = 0;
-    ++generation_;
-    cv_.notify_all();
+    generation_.fetch_add(1);
+    wake_all(mu_, cv_);
     return;
   }
-  cv_.wait(lock, [&] { return generation_ != gen; });
+  spin_then_wait(mu_, cv_, [&] { return generation_.load() != gen; });
 }
 
 }  // namespace q3p

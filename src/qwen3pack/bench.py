@@ -1,41 +1,171 @@
-"""`make bench`: speed measured against baselines in the same run, printed as medians and ratios.
+"""`make bench`: the runtime's speed beside its baselines, all measured in the same run.
 
-- convert: a Qwen3-0.6B-shaped bf16 checkpoint (random weights) converted at tp=2, against `cp`
-  of the same safetensors bytes (page cache warm for both).
-- validate: full checksum validation of the result, in GB/s.
-- decode: greedy tokens/s of the runtime on the converted model, against transformers (torch, CPU,
-  bf16) on the source checkpoint, and against the memory-bandwidth roofline (weight bytes read per
-  token over the bandwidth that numpy measures here, with the same threads).
+A checkpoint with the real shapes of Qwen3-0.6B (or 1.7B: --size 1.7b), taken from the configs in
+tests/fixtures/configs/ and filled with random bf16 weights (or --checkpoint DIR), converted at
+tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank):
+- load time and time to first token of a 16-token prompt right after the load (page cache warm);
+- prefill tokens/s of a 512-token prompt; decode tokens/s over 128 tokens at batch 1, and in all
+  at batch 4 and 16 (one token per sequence per step);
+- this machine's memory read bandwidth (numpy, same threads, the best read of the run) and decode
+  at batch 1 as a share of that roofline (every weight byte read once per token); the peak f32
+  FMA rate of the threads (a register-only loop) and prefill as a share of it (2 flops per
+  weight per token);
+- transformers (torch CPU, bf16, same threads, same weights): prefill and decode, as ratios;
+- llama.cpp's llama-bench on the same weights when LLAMA_BENCH names it (the GGUF made by the
+  convert_hf_to_gguf.py of LLAMA_CPP_DIR), as ratios; otherwise "llama.cpp: not found";
+- conversion against `cp` + `sync` of the same bytes, and checksum validation.
+Every figure is the median of --repeats runs, interleaved over the configurations. --json prints
+the results as JSON instead of the table; --quick runs everything on a tiny model in seconds
+(the test suite does, to keep this script working; its numbers mean nothing).
 """
 import argparse
+import json
+import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .convert import convert
+import numpy as np
+
 from . import formats
+from .convert import convert
 from .formats import validate
 from .testing import make_checkpoint
 
-QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
-                  rope_theta=1000000.0)
+SIZES = {"0.6b": "Qwen3-0.6B.json", "1.7b": "Qwen3-1.7B.json"}
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps")
+RUNS = [(1, 1), (1, 2), (2, 2)]  # (tp, threads)
+BATCHES = (1, 4, 16)
 
 
-def median_seconds(run, repeats):
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def plan(quick):
+    """Sizes of the measurements: the issue's, or tiny ones for --quick."""
+    if quick:
+        return dict(prompt=16, prefill=24, decode=4, bandwidth_bytes=1 << 24, fma_seconds=0.01)
+    return dict(prompt=16, prefill=512, decode=128, bandwidth_bytes=1 << 30, fma_seconds=0.2)
+
+
+def model_shape(size, configs_dir, quick):
+    if quick:
+        return dict(tie_word_embeddings=True)  # make_checkpoint's tiny default model
+    config = json.loads((Path(configs_dir) / SIZES[size]).read_text())
+    return {**{k: config[k] for k in SHAPE_KEYS}, "tie_word_embeddings": config["tie_word_embeddings"]}
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def seconds(run):
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------------
+# The runtime
+
+
+def bench_runtime(converted, tp, threads, p, rng):
+    """One measurement of every runtime figure for (tp, threads)."""
+    from . import load
+    vocab = formats.open(converted[tp]).model["vocab_size"]
+    ids = rng.integers(0, vocab, p["prefill"]).tolist()
+    context = p["prefill"] + p["decode"] + 1
+    started = time.perf_counter()
+    model = load(converted[tp], threads=threads, max_context=context)
+    load_s = time.perf_counter() - started
+    with model:
+        next(iter(model.generate(ids[:p["prompt"]], max_new_tokens=1, stop_token_ids=[])))
+        ttft_s = time.perf_counter() - started - load_s
+        prefill_s = seconds(lambda: model.session().append(ids))
+        decode = {}
+        for batch in BATCHES:
+            sessions = [model.session() for _ in range(batch)]
+            model.append_batch(sessions, [ids[:p["prompt"]]] * batch)
+            steps = [[ids[i % len(ids)]] for i in range(p["decode"])]
+            decode_s = seconds(lambda: [model.append_batch(sessions, [step] * batch) for step in steps])
+            decode[batch] = batch * p["decode"] / decode_s
+    return dict(load_s=load_s, ttft_s=ttft_s, prefill_tok_s=p["prefill"] / prefill_s, decode_tok_s=decode)
+
+
+def matrix_weights(config):
+    """Weights of the matrix products per token (2 flops each), without the embedding lookup."""
+    h, d, inter = config["hidden_size"], config["head_dim"], config["intermediate_size"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    return config["num_hidden_layers"] * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+
+
+def memory_bandwidth(threads, nbytes):
+    """Bytes/s of reading an array of `nbytes`, split over `threads` threads (numpy releases the GIL):
+    the best of 5 reads, as a roofline is the most the machine gives (others' load only lowers it)."""
+    from concurrent.futures import ThreadPoolExecutor
+    chunks = np.array_split(np.ones(nbytes // 8, dtype=np.float64), threads)
+    with ThreadPoolExecutor(threads) as pool:
+        return nbytes / min(seconds(lambda: list(pool.map(np.sum, chunks))) for _ in range(5))
+
+
+# ------------------------------------------------------------------------------------------
+# Baselines
+
+
+def bench_transformers(source, threads, p, rng):
+    """(prefill tokens/s, decode tokens/s) of transformers in bf16, or None without it."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
+    except ImportError:
+        return None
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    vocab = model.config.vocab_size
+    ids = torch.tensor([rng.integers(0, vocab, p["prefill"]).tolist()])
+    prompt = ids[:, :p["prompt"]]
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up
+        prefill_s = seconds(lambda: model(ids))
+        decode_s = seconds(lambda: model.generate(prompt, max_new_tokens=p["decode"] + 1,
+                                                  min_new_tokens=p["decode"] + 1, do_sample=False))
+        first_s = seconds(lambda: model.generate(prompt, max_new_tokens=1, do_sample=False))
+    return dict(prefill_tok_s=p["prefill"] / prefill_s, decode_tok_s=p["decode"] / max(decode_s - first_s, 1e-9))
+
+
+def llama_cpp_gguf(source, work):
+    """The GGUF of `source` made by llama.cpp's converter, or None when llama.cpp is not set up."""
+    bench, tree = os.environ.get("LLAMA_BENCH"), os.environ.get("LLAMA_CPP_DIR")
+    if not bench or not Path(bench).is_file() or not tree or not (Path(tree) / "convert_hf_to_gguf.py").is_file():
+        return None
+    gguf = work / "model-bf16.gguf"
+    if not gguf.exists():
+        subprocess.run([sys.executable, str(Path(tree) / "convert_hf_to_gguf.py"), str(source), "--outtype", "bf16",
+                        "--outfile", str(gguf)], check=True, capture_output=True)
+    return gguf
+
+
+def bench_llama_cpp(gguf, threads, p):
+    """(prefill tokens/s, decode tokens/s) of llama-bench on `gguf`."""
+    done = subprocess.run([os.environ["LLAMA_BENCH"], "-m", str(gguf), "-p", str(p["prefill"]), "-n", str(p["decode"]),
+                           "-t", str(threads), "-r", "1", "-o", "json"], check=True, capture_output=True, text=True)
+    rows = json.loads(done.stdout)
+    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+    decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    return dict(prefill_tok_s=prefill, decode_tok_s=decode)
+
+
+# ------------------------------------------------------------------------------------------
+# Conversion
 
 
 def bench_convert(work, source, tp, repeats):
-    source_bytes = sum(p.stat().st_size for p in source.glob("*.safetensors"))
+    source_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
     copy_dir = work / "copy"
 
     def copy():
@@ -44,95 +174,142 @@ def bench_convert(work, source, tp, repeats):
         subprocess.run(["cp", *map(str, source.glob("*.safetensors")), str(copy_dir)], check=True)
         subprocess.run(["sync"], check=True)
 
-    out = work / "converted"
-    cp_seconds = median_seconds(copy, repeats)
-    convert_seconds = median_seconds(lambda: convert(source, out, tp=tp, force=True), repeats)
+    out = work / f"tp{tp}"
+    cp_s, convert_s = [], []
+    for _ in range(repeats):
+        cp_s.append(seconds(copy))
+        convert_s.append(seconds(lambda: convert(source, out, tp=tp, force=True)))
     shutil.rmtree(copy_dir)
-    print(f"convert   {source_bytes / 1e9:.2f} GB at tp={tp}: {convert_seconds:.2f} s "
-          f"({source_bytes / convert_seconds / 1e9:.2f} GB/s); cp of the same bytes {cp_seconds:.2f} s "
-          f"({source_bytes / cp_seconds / 1e9:.2f} GB/s); convert/cp speed ratio {cp_seconds / convert_seconds:.2f} "
-          f"(target >= 0.5)")
-    return out
-
-
-def bench_validate(converted, repeats):
-    report = validate(converted)
+    report = validate(out)
     assert report.ok, report.problems
-    seconds = median_seconds(lambda: validate(converted), repeats)
-    print(f"validate  {report.bytes / 1e9:.2f} GB with checksums: {seconds:.2f} s "
-          f"({report.bytes / seconds / 1e9:.2f} GB/s, target >= 1)")
+    validate_s = median([seconds(lambda: validate(out)) for _ in range(repeats)])
+    return out, dict(bytes=source_bytes, tp=tp, convert_s=median(convert_s), cp_sync_s=median(cp_s),
+                     convert_over_cp=median(convert_s) / median(cp_s), validate_gb_s=report.bytes / validate_s / 1e9)
 
 
-def memory_bandwidth(threads):
-    """Bytes/s of reading a 1 GiB array, split over `threads` threads (numpy releases the GIL)."""
-    import numpy as np
-    from concurrent.futures import ThreadPoolExecutor
-    data = np.ones(1 << 27, dtype=np.float64)
-    chunks = np.array_split(data, threads)
-    with ThreadPoolExecutor(threads) as pool:
-        seconds = median_seconds(lambda: list(pool.map(np.sum, chunks)), 5)
-    return data.nbytes / seconds
+# ------------------------------------------------------------------------------------------
 
 
-def decode_seconds_per_token(generate, prompt, tokens):
-    started = time.perf_counter()
-    count = sum(1 for _ in generate(prompt, tokens))
-    return (time.perf_counter() - started) / count
-
-
-def bench_decode(source, converted, threads, tokens, repeats):
-    import numpy as np
-    from . import load
-    prompt = list(np.random.default_rng(0).integers(0, 1000, 16))
-    weights_per_token = sum(r.file_size for r in formats.open(converted).ranks)
-    with load(converted, threads=threads, max_context=len(prompt) + tokens + 1) as model:
-        ours = statistics.median(
-            decode_seconds_per_token(lambda p, n: model.generate(p, max_new_tokens=n, stop_token_ids=[]),
-                                     prompt, tokens)
-            for _ in range(repeats))
-    bandwidth = memory_bandwidth(threads)
-    roofline = weights_per_token / bandwidth
-    theirs = transformers_seconds_per_token(source, prompt, tokens, threads)
-    print(f"decode    {1 / ours:.1f} tokens/s with {threads} threads; transformers bf16 {1 / theirs:.1f} tokens/s "
-          f"(ours/theirs {theirs / ours:.2f}); roofline {1 / roofline:.1f} tokens/s at "
-          f"{bandwidth / 1e9:.1f} GB/s for {weights_per_token / 1e9:.2f} GB of weights (ours/roofline "
-          f"{roofline / ours:.2f})")
-
-
-def transformers_seconds_per_token(source, prompt, tokens, threads):
+def run(args):
+    from . import _core
+    p = plan(args.quick)
+    rng = np.random.default_rng(0)
+    work = Path(tempfile.mkdtemp(prefix="qwen3pack-bench-"))
     try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        print("          (transformers not installed: `make test` installs it)")
-        return float("nan")
-    from transformers.utils import logging
-    logging.disable_progress_bar()
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
-        started = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    return (time.perf_counter() - started) / (out.shape[1] - len(prompt))
+        shape = model_shape(args.size, args.configs, args.quick)
+        if args.checkpoint:
+            source = Path(args.checkpoint)
+        else:
+            log(args, f"making a random bf16 checkpoint with the shapes of Qwen3-{args.size.upper()} ...")
+            source = make_checkpoint(work / "source", dtype="bf16", tie=shape.pop("tie_word_embeddings"), **shape)
+        config = json.loads((source / "config.json").read_text())
+        log(args, "converting ...")
+        converted = {}
+        converted[2], conversion = bench_convert(work, source, 2, args.repeats)
+        converted[1] = work / "tp1"
+        convert(source, converted[1], tp=1)
+        weight_bytes = sum(r.file_size for r in formats.open(converted[1]).ranks)
+        gguf = llama_cpp_gguf(source, work)
+
+        isa = _core.supported_isas()[-1] if not os.environ.get("QWEN3PACK_ISA") else os.environ["QWEN3PACK_ISA"]
+        threads_used = sorted({t for _, t in RUNS})
+        peak = {t: t * _core.fma_peak_flops(isa, p["fma_seconds"]) for t in threads_used}
+        samples = {run: [] for run in RUNS}
+        baselines = {name: {t: [] for t in threads_used} for name in ("transformers", "llama.cpp")}
+        bandwidth = {t: [] for t in threads_used}
+        for repeat in range(args.repeats):
+            log(args, f"round {repeat + 1} of {args.repeats} ...")
+            for tp, threads in RUNS:
+                samples[(tp, threads)].append(bench_runtime(converted, tp, threads, p, rng))
+            for t in threads_used:
+                bandwidth[t].append(memory_bandwidth(t, p["bandwidth_bytes"]))
+                if not args.no_transformers:
+                    baselines["transformers"][t].append(bench_transformers(source, t, p, rng))
+                if gguf:
+                    baselines["llama.cpp"][t].append(bench_llama_cpp(gguf, t, p))
+
+        bandwidth = {t: max(v) for t, v in bandwidth.items()}
+        flops_per_token = 2 * matrix_weights(config)
+        runs = []
+        for (tp, threads), got in samples.items():
+            decode = {b: median([g["decode_tok_s"][b] for g in got]) for b in BATCHES}
+            prefill = median([g["prefill_tok_s"] for g in got])
+            runs.append(dict(
+                tp=tp, threads=threads, load_s=median([g["load_s"] for g in got]),
+                ttft_s=median([g["ttft_s"] for g in got]), prefill_tok_s=prefill, decode_tok_s=decode,
+                decode_of_roofline=decode[1] * weight_bytes / bandwidth[threads],
+                prefill_of_fma_peak=prefill * flops_per_token / peak[threads]))
+        baseline_results = {}
+        for name, by_threads in baselines.items():
+            results = {}
+            for t, got in by_threads.items():
+                got = [g for g in got if g]
+                if got:
+                    results[t] = {k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")}
+            baseline_results[name] = results or None
+        return dict(
+            model=dict(size="tiny (--quick)" if args.quick else args.size, layers=config["num_hidden_layers"],
+                       weight_bytes=weight_bytes, flops_per_token=flops_per_token),
+            machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak, read_bandwidth_bytes_s=bandwidth),
+            sizes=p, repeats=args.repeats, runs=runs, conversion=conversion, **baseline_results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def main():
+def log(args, message):
+    if not args.json:
+        print(message, file=sys.stderr, flush=True)
+
+
+def ratio(ours, theirs):
+    return f"{ours / theirs:.2f}x" if theirs else "-"
+
+
+def print_table(r):
+    m, mach, p = r["model"], r["machine"], r["sizes"]
+    print(f"model: Qwen3-{m['size']} shapes, {m['layers']} layers, bf16, {m['weight_bytes'] / 1e9:.2f} GB of weights; "
+          f"kernels: {mach['isa']}; {mach['cpus']} CPUs; medians of {r['repeats']}")
+    for t, bw in mach["read_bandwidth_bytes_s"].items():
+        print(f"machine, {t} thread(s): read bandwidth {bw / 1e9:.1f} GB/s (decode roofline "
+              f"{bw / m['weight_bytes']:.1f} tokens/s); FMA peak {mach['fma_peak_flops'][t] / 1e9:.0f} GFLOP/s "
+              f"(prefill roofline {mach['fma_peak_flops'][t] / m['flops_per_token']:.0f} tokens/s)")
+    head = (f"{'tp':>2} {'thr':>3} {'load s':>7} {'TTFT s':>7} {'prefill':>8} {'of FMA':>7} "
+            + " ".join(f"{'decode b' + str(b):>10}" for b in BATCHES) + f" {'of BW':>6}")
+    print(f"\nqwen3pack (tokens/s; prefill of {p['prefill']} tokens, decode over {p['decode']} tokens)\n{head}")
+    for x in r["runs"]:
+        print(f"{x['tp']:>2} {x['threads']:>3} {x['load_s']:>7.2f} {x['ttft_s']:>7.2f} {x['prefill_tok_s']:>8.1f} "
+              f"{x['prefill_of_fma_peak']:>6.0%} " + " ".join(f"{x['decode_tok_s'][b]:>10.1f}" for b in BATCHES)
+              + f" {x['decode_of_roofline']:>6.0%}")
+    for name in ("transformers", "llama.cpp"):
+        if not r[name]:
+            print(f"\n{name}: not found" if name == "llama.cpp" else f"\n{name}: not installed (make test installs it)")
+            continue
+        print(f"\n{name} (tokens/s), and qwen3pack at tp 1 over it")
+        for t, theirs in r[name].items():
+            ours = next(x for x in r["runs"] if x["tp"] == 1 and x["threads"] == t)
+            print(f"  {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours {ratio(ours['prefill_tok_s'], theirs['prefill_tok_s'])}), "
+                  f"decode {theirs['decode_tok_s']:.1f} (ours {ratio(ours['decode_tok_s'][1], theirs['decode_tok_s'])})")
+    c = r["conversion"]
+    print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s; cp + sync {c['cp_sync_s']:.2f} s; "
+          f"convert/cp {c['convert_over_cp']:.2f} (target <= 1.5); validate {c['validate_gb_s']:.2f} GB/s")
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=QWEN3_0_6B["num_hidden_layers"])
-    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--size", choices=sorted(SIZES), default="0.6b")
+    parser.add_argument("--configs", default="tests/fixtures/configs", help="where the Qwen3 config.json files are")
+    parser.add_argument("--checkpoint", help="a bf16 checkpoint directory to take instead of making one")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per measurement")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="qwen3pack-bench-") as tmp:
-        work = Path(tmp)
-        print(f"making a Qwen3-0.6B-shaped bf16 checkpoint with {args.layers} layers ...", flush=True)
-        source = make_checkpoint(work / "source", dtype="bf16", **{**QWEN3_0_6B, "num_hidden_layers": args.layers})
-        converted = bench_convert(work, source, args.tp, args.repeats)
-        bench_validate(converted, args.repeats)
-        bench_decode(source, converted, args.threads, args.tokens, args.repeats)
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and few tokens: checks that it runs")
+    args = parser.parse_args(argv)
+    results = run(args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+    return results
 
 
 if __name__ == "__main__":

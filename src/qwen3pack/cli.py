@@ -341,6 +341,14 @@ def serve_command(directory, host, port, threads, max_batch, max_queue, prefill_
           api_key=api_key, shutdown_timeout=shutdown_timeout)
 
 
+@main.command("bench", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(args):
+    """Speed beside transformers and llama.cpp, measured in one run (`qwen3pack bench --help`)."""
+    from . import bench
+    bench.main(list(args))
+
+
 def convert_main():
     """`qwen3-convert`: the same command as `qwen3pack convert`."""
     convert_command(prog_name="qwen3-convert")

@@ -1,0 +1,47 @@
+"""`make bench` in its quick mode: it runs end to end and reports every field (never a speed)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from qwen3pack import bench
+
+RUN_FIELDS = {"tp", "threads", "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_of_roofline",
+              "prefill_of_fma_peak"}
+
+
+def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
+    monkeypatch.delenv("LLAMA_BENCH", raising=False)
+    results = bench.main(["--quick", "--json", "--repeats", "1"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["runs"] and set(printed) >= {"model", "machine", "sizes", "runs", "conversion", "transformers",
+                                                 "llama.cpp"}
+    assert [(r["tp"], r["threads"]) for r in printed["runs"]] == [(1, 1), (1, 2), (2, 2)]
+    for run in printed["runs"]:
+        assert set(run) == RUN_FIELDS
+        assert set(run["decode_tok_s"]) == {"1", "4", "16"}
+        assert all(v > 0 for v in run["decode_tok_s"].values())
+    assert set(printed["machine"]["read_bandwidth_bytes_s"]) == {"1", "2"}
+    assert set(printed["machine"]["fma_peak_flops"]) == {"1", "2"}
+    assert set(printed["conversion"]) == {"bytes", "tp", "convert_s", "cp_sync_s", "convert_over_cp", "validate_gb_s"}
+    assert set(printed["transformers"]) == {"1", "2"}
+    assert set(printed["transformers"]["1"]) == {"prefill_tok_s", "decode_tok_s"}
+    assert printed["llama.cpp"] is None
+
+    bench.print_table(results)
+    table = capsys.readouterr().out
+    for line in ("read bandwidth", "FMA peak", "decode b16", "transformers (tokens/s)", "llama.cpp: not found",
+                 "convert/cp"):
+        assert line in table
+
+
+def test_llama_cpp_is_optional(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_BENCH", str(tmp_path / "missing-llama-bench"))
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))
+    assert bench.llama_cpp_gguf(tmp_path, tmp_path) is None
+
+
+@pytest.mark.parametrize("size", sorted(bench.SIZES))
+def test_the_model_shapes_come_from_the_fixture_configs(size):
+    shape = bench.model_shape(size, Path(__file__).with_name("fixtures") / "configs", quick=False)
+    assert shape["hidden_size"] in (1024, 2048) and shape["vocab_size"] == 151936
