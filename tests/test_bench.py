@@ -45,3 +45,14 @@ def test_llama_cpp_is_optional(monkeypatch, tmp_path):
 def test_the_model_shapes_come_from_the_fixture_configs(size):
     shape = bench.model_shape(size, Path(__file__).with_name("fixtures") / "configs", quick=False)
     assert shape["hidden_size"] in (1024, 2048) and shape["vocab_size"] == 151936
+
+
+def test_the_quick_serving_benchmark_reports_each_concurrency(capsys):
+    from qwen3pack import bench_serve
+    bench_serve.main(["--quick", "--layers", "2", "--tp", "1", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("serve     tiny widths, 2 layers, bf16, tp 1, 1 threads, 4 tokens")
+    for line, concurrency in zip(lines[1:], (1, 2)):
+        assert line.strip().startswith(f"concurrency {concurrency:3d}: time to first token")
+        assert "tokens/s in all" in line and "requests per forward pass" in line
+    assert len(lines) == 3

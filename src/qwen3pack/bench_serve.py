@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .bench import QWEN3_0_6B
+from .bench import model_shape
 from .convert import convert
 from .testing import make_checkpoint
 
@@ -74,20 +74,26 @@ def run_at(client, url, model, concurrency, tokens):
             (requests_after - requests) / (steps_after - steps))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    args = parser.parse_args()
+    parser.add_argument("--configs", default="tests/fixtures/configs", help="where the Qwen3 config.json files are")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny model, 4 tokens, concurrency 1 and 2: checks that the benchmark runs (tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.concurrency = 4, [1, 2]
     import openai
     for name in ("NO_PROXY", "no_proxy"):  # the server on loopback is called directly, whatever proxy is set
         os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1"]))
     with tempfile.TemporaryDirectory(prefix="qwen3pack-bench-serve-") as tmp:
         work = Path(tmp)
-        widths = {k: v for k, v in QWEN3_0_6B.items() if k not in ("vocab_size", "num_hidden_layers")}
+        shape = model_shape("0.6b", args.configs, args.quick)
+        widths = {k: v for k, v in shape.items() if k not in ("vocab_size", "num_hidden_layers", "tie_word_embeddings")}
         source = make_checkpoint(work / "source", qwen3_tokenizer=True, dtype="bf16", num_hidden_layers=args.layers,
                                  **widths)
         convert(source, work / "model", tp=args.tp)
@@ -96,7 +102,7 @@ def main():
             client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
             model = client.models.list().data[0].id
             run_at(client, url, model, 1, 4)  # warm-up
-            print(f"serve     Qwen3-0.6B widths, {args.layers} layers, bf16, tp {args.tp}, {args.threads} threads, "
+            print(f"serve     {'tiny' if args.quick else 'Qwen3-0.6B'} widths, {args.layers} layers, bf16, tp {args.tp}, {args.threads} threads, "
                   f"{args.tokens} tokens per streamed answer")
             single = None
             for concurrency in sorted({1, *args.concurrency}):  # one stream first: the baseline
