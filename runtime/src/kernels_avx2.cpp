@@ -64,35 +64,7 @@ inline void tile(const void* w, size_t in, const float* x, float* y, size_t ldy)
     UNROLLED for (int t = 0; t < T; ++t) y[t * ldy + r] = sum8(acc[r][t]);
 }
 
-// Rows [o, o + R) against tokens [t, t + T).
-template <int R, int T>
-inline void tile(const MatmulArgs& a, size_t o, size_t t) {
-  float* y = a.y + t * a.out + o;
-  const float* x = a.x + t * a.in;
-  if (a.dt == DType::BF16)
-    tile<DType::BF16, R, T>(static_cast<const uint16_t*>(a.w) + o * a.in, a.in, x, y, a.out);
-  else if (a.dt == DType::F16)
-    tile<DType::F16, R, T>(static_cast<const uint16_t*>(a.w) + o * a.in, a.in, x, y, a.out);
-  else
-    tile<DType::F32, R, T>(static_cast<const float*>(a.w) + o * a.in, a.in, x, y, a.out);
-}
-
-// Rows [o, o + R) against the `count` < T tokens from t.
-template <int R, int T>
-inline void partial_tile(const MatmulArgs& a, size_t o, size_t t, size_t count) {
-  if constexpr (T > 1) {
-    if (count == T - 1) tile<R, T - 1>(a, o, t);
-    else partial_tile<R, T - 1>(a, o, t, count);
-  }
-}
-
-// Rows [o, o + R) against tokens [t0, t1), in tiles of kTokens and a last partial tile.
-template <int R>
-void row_block(const MatmulArgs& a, size_t o, size_t t0, size_t t1) {
-  size_t t = t0;
-  for (; t + kTokens <= t1; t += kTokens) tile<R, kTokens>(a, o, t);
-  partial_tile<R, kTokens>(a, o, t, t1 - t);
-}
+#include "kernels_tiles.inc"
 
 }  // namespace
 

@@ -1,7 +1,8 @@
 // The kernels of each instruction set, behind the dispatch of kernels.cpp. The AVX2 and AVX-512
-// files are compiled with their own target flags, so they use no inline function or template
-// of a header (only intrinsics, memcpy and their own code): the linker could otherwise keep
-// their copy, compiled for a wider ISA, for the whole program.
+// files are compiled with their own target flags, so they use no inline function or template of
+// a header with external linkage (only intrinsics, memcpy, their own code, and kernels_tiles.inc
+// included inside their anonymous namespace): the linker could otherwise keep their copy,
+// compiled for a wider ISA, for the whole program.
 #pragma once
 #include <cstddef>
 #include <cstdint>
