@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -301,28 +300,24 @@ def stream_answer(client, prompt, max_tokens):
     return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
 
-def timed_answers(client, prompts, tokens):
-    """(the answers, tokens per second in all) of the prompts streamed at the same time."""
-    started = time.perf_counter()
+def concurrent_answers(client, prompts, tokens):
+    """The answers to the prompts, streamed at the same time."""
     with ThreadPoolExecutor(len(prompts)) as pool:
-        answers = list(pool.map(lambda p: stream_answer(client, p, tokens), prompts))
-    return answers, tokens * len(prompts) / (time.perf_counter() - started)
+        return list(pool.map(lambda p: stream_answer(client, p, tokens), prompts))
 
 
 def test_concurrent_streams_are_batched_and_answer_as_alone(client, server):
     tokens = 200
     alone = [stream_answer(client, p, tokens) for p in PROMPTS]
-    single_rate = statistics.median(timed_answers(client, PROMPTS[:1], tokens)[1] for _ in range(3))
     steps_before, requests_before = metric(server, "qwen3pack_batch_size_count"), \
         metric(server, "qwen3pack_batch_size_sum")
-    together, aggregate_rate = timed_answers(client, PROMPTS, tokens)
+    together = concurrent_answers(client, PROMPTS, tokens)
     assert together == alone
     steps = metric(server, "qwen3pack_batch_size_count") - steps_before
     mean_batch = (metric(server, "qwen3pack_batch_size_sum") - requests_before) / steps
-    # one forward pass served several streams at once (they start and end a little apart: not all 8)
+    # one forward pass served several streams at once (they start and end a little apart: not all 8);
+    # what that gains in tokens per second is measured by `make bench` (bench_serve), not timed here
     assert mean_batch > 2, (steps, mean_batch)
-    # on a quiet machine several times more; the client's threads share the CPUs with the server here
-    assert aggregate_rate > single_rate, (aggregate_rate, single_rate)
 
 
 def wait_until_nothing_runs(server):
