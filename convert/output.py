@@ -14,12 +14,12 @@ import tempfile
 from pathlib import Path
 
 from .. import _core
+from ..formats.files import MAX_JSON_BYTES
 from ..formats.reader import MANIFEST
 from .interrupts import Interrupted, conversion_signals
 from .source import SourceError, read_json
 from .write import ConversionError
 
-MAX_MANIFEST_BYTES = 64 << 20
 # renameat2 errors that mean "not here" (no such system call, or a filesystem without the flag)
 UNSUPPORTED = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 
@@ -123,7 +123,7 @@ def _still_replaceable(path, expected, sources):
 
 def _is_qwen3pack_output(directory):
     try:
-        manifest = read_json(directory / MANIFEST, MAX_MANIFEST_BYTES)
+        manifest = read_json(directory / MANIFEST, MAX_JSON_BYTES)
     except SourceError:
         return False
     return isinstance(manifest, dict) and manifest.get("format") == "qwen3pack"

@@ -9,7 +9,6 @@ refused, naming its file and tensor, before the output is put in place.
 """
 import hashlib
 import json
-import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from .. import _core
 from ..formats import reader
 from ..formats.dtypes import element_size
-from ..formats.files import open_regular
+from ..formats.files import open_regular, read_into
 from ..formats.layout import make_layout
 from ..formats.rankfile import VERSION, FormatError, crc_hex
 from ..formats.reader import MANIFEST
@@ -117,11 +116,8 @@ def _sourced_bytes(record):
 
 
 def _read_into(fd, view, offset, what):
-    while len(view):
-        n = os.preadv(fd, [view], offset)
-        if n <= 0:
-            raise FormatError(f"{what}: the file ends before the tensor does (it was truncated)")
-        view, offset = view[n:], offset + n
+    if read_into(fd, view, offset) < len(view):
+        raise FormatError(f"{what}: the file ends before the tensor does (it was truncated)")
 
 
 class RankFiles:

@@ -206,9 +206,6 @@ def copied_files(directory):
 
 def read_bytes_into(file, buffer, offset, path):
     """Fills `buffer` from `file` (opened from `path`) at `offset`, failing on a short read."""
-    view = memoryview(buffer).cast("B")
-    while len(view):
-        n = os.preadv(file.fileno(), [view], offset)
-        if n <= 0:
-            raise SourceError(f"{path.name}: ends at byte {offset}, before its tensors do (it was truncated)")
-        view, offset = view[n:], offset + n
+    got = files.read_into(file.fileno(), buffer, offset)
+    if got < memoryview(buffer).nbytes:
+        raise SourceError(f"{path.name}: ends at byte {offset + got}, before its tensors do (it was truncated)")

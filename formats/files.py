@@ -47,6 +47,19 @@ def _kind(mode):
     return "a special file"
 
 
+def read_into(fd, buffer, offset):
+    """Fills `buffer` from `fd` at `offset` (pread, again after a short read); returns how many
+    bytes it got, fewer than the buffer holds only where the file ends."""
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 def read_bounded(f, max_bytes, what, error):
     """All of an opened regular file, refusing one longer than `max_bytes`."""
     try:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import _core, schema
 from .dtypes import element_size, values_dtype
-from .files import MAX_JSON_BYTES, open_regular, parse_json, read_json
+from .files import MAX_JSON_BYTES, open_regular, parse_json, read_into, read_json
 from .layout import LayoutError, global_tensors, make_layout, rank_tensors
 from .rankfile import (DATA_ALIGNMENT, MAGIC, PREFIX, TENSOR_ALIGNMENT, VERSION, FormatError,
                        Prefix, crc_hex, rank_file_name)
@@ -248,13 +248,13 @@ def checksum_problems(rank_file):
 
 def _crc_of_range(fd, offset, nbytes, buffer):
     """The CRC32C of [offset, offset + nbytes) of `fd` as 8 hex digits (None past a short read)."""
-    crc, remaining = 0, nbytes
-    while remaining:
-        n = os.preadv(fd, [memoryview(buffer)[:min(remaining, len(buffer))]], offset)
-        if n <= 0:
+    crc, done = 0, 0
+    while done < nbytes:
+        chunk = memoryview(buffer)[:min(nbytes - done, len(buffer))]
+        if read_into(fd, chunk, offset + done) < len(chunk):
             return None  # the file shrank since it was opened
-        crc = _core.crc32c(memoryview(buffer)[:n], crc)
-        remaining, offset = remaining - n, offset + n
+        crc = _core.crc32c(chunk, crc)
+        done += len(chunk)
     return crc_hex(crc)
 
 

@@ -236,7 +236,7 @@ class Model:
         sampler = make_sampler(self._vocab_size, temperature, top_k, top_p, min_p, presence_penalty,
                                repetition_penalty, seed)
         sampler.add_prompt(prompt)
-        return prompt, int(max_new_tokens), sampler, stops
+        return prompt, max_new_tokens, sampler, stops
 
     @property
     def tokenizer(self):

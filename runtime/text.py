@@ -62,11 +62,9 @@ def complete(model, prompt, *, max_tokens=None, temperature=None, top_p=None, to
     string or a list of them; the text ends before the first one. Generation also stops at the
     model's eos ids. stream=True returns an iterator of Chunk, else a Completion. Arguments are
     checked at the call."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    prompt_ids = _encode_prompt(model, prompt)
     sampling = _sampling(model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty)
-    chunks = _generate(model, model.session(), prompt, model.tokenizer.encode(prompt), 0, max_tokens, sampling,
-                       seed, stop)
+    chunks = _generate(model, model.session(), prompt, prompt_ids, 0, max_tokens, sampling, seed, stop)
     return chunks if stream else collect(chunks)
 
 
@@ -127,14 +125,26 @@ def _generate(model, session, prompt, prompt_ids, cached_tokens, max_tokens, sam
     """Checks every argument, starts generating on `session` (which holds the first cached_tokens of
     prompt_ids), and returns the stream of chunks. on_end(token_ids, reasoning, content) runs when
     the stream ends, even when its reader stops early."""
+    text = _generation_text(model, prompt, prompt_ids, max_tokens, stop, cached_tokens)
+    tokens = session.generate(prompt_ids, text.max_tokens, seed=seed, stop_token_ids=text.eos, **sampling)
+    return _stream(text, tokens, on_end)
+
+
+def _encode_prompt(model, prompt):
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    return model.tokenizer.encode(prompt)
+
+
+def _generation_text(model, prompt, prompt_ids, max_tokens, stop, cached_tokens=0):
+    """The GenerationText of a generation of prompt_ids, its limits checked: the prompt, the stop
+    strings, max_tokens against the context; it stops at the model's eos ids."""
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     stops = _stop_strings(stop)
-    eos = frozenset(model.generation.get("eos_token_ids") or [])
     max_new_tokens = _max_new_tokens(model, prompt_ids, max_tokens)
-    tokens = session.generate(prompt_ids, max_new_tokens, seed=seed, stop_token_ids=eos, **sampling)
-    return _stream(GenerationText(model.tokenizer, prompt, len(prompt_ids), max_new_tokens, eos, stops,
-                                  cached_tokens), tokens, on_end)
+    eos = frozenset(model.generation.get("eos_token_ids") or [])
+    return GenerationText(model.tokenizer, prompt, len(prompt_ids), max_new_tokens, eos, stops, cached_tokens)
 
 
 def _stream(text, tokens, on_end):
@@ -155,14 +165,15 @@ class GenerationText:
     cut before the first stop string, split into reasoning and content. add(token) returns the chunk
     that the token completes (None while it completes no text); the token that ends the generation
     (an eos id, one that completes a stop string, the max_tokens-th) returns the last chunk, with
-    finish_reason, usage and token_ids. token_ids, reasoning and content are what was handed out."""
+    finish_reason, usage and token_ids. token_ids, reasoning and content are what was handed out;
+    eos and max_tokens are the limits it stops at."""
 
     def __init__(self, tokenizer, prompt, prompt_tokens, max_tokens, eos, stops, cached_tokens=0):
         self._decoder = tokenizer.decoder()
         self._stops = StopStrings(list(stops))
         self._split = ReasoningSplit(prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE))
-        self._eos = frozenset(eos)
-        self._max_tokens = max_tokens
+        self.eos = frozenset(eos)
+        self.max_tokens = max_tokens
         self._prompt_tokens, self._cached_tokens = prompt_tokens, cached_tokens
         self.token_ids = []
         self.reasoning = self.content = ""
@@ -173,7 +184,7 @@ class GenerationText:
             raise ValueError("the generation has ended")
         self.token_ids.append(int(token))
         text, stopped = self._stops.feed(self._decoder.add(token))
-        if stopped or token in self._eos or len(self.token_ids) == self._max_tokens:
+        if stopped or token in self.eos or len(self.token_ids) == self.max_tokens:
             return self._last(text, stopped)
         return self._chunk(Chunk(text, *self._split.feed(text))) if text else None
 
@@ -182,7 +193,7 @@ class GenerationText:
         if not stopped:
             rest, stopped = self._stops.feed(self._decoder.finish())
             text += rest if stopped else rest + self._stops.flush()
-        finish_reason = "stop" if stopped or self.token_ids[-1] in self._eos else "length"
+        finish_reason = "stop" if stopped or self.token_ids[-1] in self.eos else "length"
         reasoning, content = self._split.feed(text)
         rest_reasoning, rest_content = self._split.finish()
         return self._chunk(Chunk(text, reasoning + rest_reasoning, content + rest_content, finish_reason,
@@ -200,20 +211,13 @@ def generation(model, prompt, *, max_tokens=None, temperature=None, top_p=None, 
                stop=None):
     """A Generation of `prompt` driven step by step by its caller: complete's options, checked here,
     and frequency_penalty."""
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-    prompt_ids = model.tokenizer.encode(prompt)
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    stops = _stop_strings(stop)
-    max_new_tokens = _max_new_tokens(model, prompt_ids, max_tokens)
+    prompt_ids = _encode_prompt(model, prompt)
+    text = _generation_text(model, prompt, prompt_ids, max_tokens, stop)
     frequency_penalty = _model._number(frequency_penalty, "frequency_penalty", lambda p: True, "a finite number")
     sampler = _model.make_sampler(
         model.vocab_size, seed=seed,
         **_sampling(model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty))
     sampler.add_prompt(_model._token_ids(prompt_ids, model.vocab_size, "prompt"))
-    eos = frozenset(model.generation.get("eos_token_ids") or [])
-    text = GenerationText(model.tokenizer, prompt, len(prompt_ids), max_new_tokens, eos, stops)
     return Generation(prompt_ids, sampler, text, frequency_penalty, model.vocab_size)
 
 
