@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "comm_mpi.h"
 #include "common.h"
 #include "crc32c.h"
 #include "engine.h"
@@ -294,6 +295,7 @@ std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::
   for (size_t i = 0; i < caches.size(); ++i)
     batch[i] = {caches[i], ids[i].data(), ids[i].size(), all_logits[i]};
   std::vector<float> out = without_gil([&] { return engine.forward(batch); });
+  if (engine.first_rank() != 0) return {};  // the logits are rank 0's
   const size_t vocab = static_cast<size_t>(engine.model().vocab_size);
   std::vector<FloatArray> result;
   size_t row = 0;
@@ -391,7 +393,7 @@ NB_MODULE(_core, m) {
   nb::class_<EngineHandle>(m, "Engine", "The model's rank files, mapped and checked, and the threads computing them.")
       .def("__init__",
            [](EngineHandle* self, nb::dict model, nb::dict layout, nb::list ranks, int threads, int64_t max_context,
-              bool verify_crc) {
+              bool verify_crc, std::string mpi_library, uint64_t mpi_comm) {
              q3p::ModelConfig mc = parse_model(model);
              q3p::Layout lc = parse_layout(layout);
              std::vector<q3p::RankSource> sources;
@@ -400,10 +402,19 @@ NB_MODULE(_core, m) {
              opt.threads = threads;
              opt.max_context = max_context;
              opt.verify_crc = verify_crc;
-             auto engine = without_gil([&] { return std::make_shared<q3p::Engine>(mc, lc, sources, opt); });
+             auto engine = without_gil([&] {
+               std::unique_ptr<q3p::Communicator> comm;
+               if (!mpi_library.empty())
+                 comm = std::make_unique<q3p::MpiCommunicator>(mpi_library, mpi_comm, static_cast<int>(sources.size()));
+               return std::make_shared<q3p::Engine>(mc, lc, sources, opt, std::move(comm));
+             });
              new (self) EngineHandle{std::move(engine)};
            },
-           "model"_a, "layout"_a, "ranks"_a, "threads"_a, "max_context"_a, "verify_crc"_a)
+           "model"_a, "layout"_a, "ranks"_a, "threads"_a, "max_context"_a, "verify_crc"_a, "mpi_library"_a = "",
+           "mpi_comm"_a = 0,
+           "ranks: the rank files this process computes. With mpi_library (the path of the loaded, initialized "
+           "libmpi) the ranks are those this process holds of the MPI communicator mpi_comm (an MPICH ABI handle), "
+           "else all of them, as threads.")
       .def("close",
            [](EngineHandle& h) {
              if (!h.engine) return;
@@ -416,6 +427,8 @@ NB_MODULE(_core, m) {
       .def_prop_ro("world_size", [](const EngineHandle& h) { return h.get().layout().world_size; })
       .def_prop_ro("threads", [](const EngineHandle& h) { return h.get().threads(); })
       .def_prop_ro("threads_per_rank", [](const EngineHandle& h) { return h.get().threads_per_rank(); })
+      .def_prop_ro("first_rank", [](const EngineHandle& h) { return h.get().first_rank(); })
+      .def_prop_ro("local_ranks", [](const EngineHandle& h) { return h.get().local_ranks(); })
       .def_prop_ro("isa", [](const EngineHandle& h) { return std::string(h.get().isa()); })
       .def("new_session",
            [](const EngineHandle& h) {

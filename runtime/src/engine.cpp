@@ -24,38 +24,45 @@ std::once_flag fork_handler_registered;
 }  // namespace
 
 Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector<RankSource>& ranks,
-               const EngineOptions& options)
+               const EngineOptions& options, std::unique_ptr<Communicator> comm)
     : model_(model), layout_(layout), max_context_(options.max_context), id_(next_engine_id++) {
   std::call_once(fork_handler_registered, [] { pthread_atfork(nullptr, nullptr, count_fork_in_child); });
   forks_at_creation_ = forks_as_child.load();
   validate_model(model_);
-  const int64_t W = static_cast<int64_t>(ranks.size());
-  if (W < 1) throw FormatError("no rank files");
+  const int64_t L = static_cast<int64_t>(ranks.size());
+  if (L < 1) throw FormatError("no rank files");
+  if (!comm) comm = std::make_unique<SharedMemoryCommunicator>(static_cast<int>(L));
+  const int64_t W = comm->world_size(), first = comm->first_rank();
+  if (comm->local_ranks() != L)
+    throw UsageError(std::to_string(L) + " rank files were given to a process that holds " +
+                     std::to_string(comm->local_ranks()) + " ranks");
   if (layout.world_size != W)
     throw FormatError("layout object: world_size = " + std::to_string(layout.world_size) + " but " +
-                      std::to_string(W) + " rank files were given");
+                      (first == 0 && L == W ? std::to_string(W) + " rank files were given"
+                                            : "the processes hold " + std::to_string(W) + " ranks in all"));
   check_layout(layout_, derive_layout(model_, W, layout.dtype));
   if (max_context_ < 1 || max_context_ > (int64_t(1) << 24))
     throw UsageError("max_context = " + std::to_string(max_context_) + " is out of range [1, 16777216]");
   if (options.threads < 1) throw UsageError("threads must be >= 1");
-  threads_per_rank_ = std::max(1, options.threads / static_cast<int>(W));
+  threads_per_rank_ = std::max(1, options.threads / static_cast<int>(L));
   kernels_ = select_kernels(std::getenv("QWEN3PACK_ISA"));
 
-  files_.reserve(static_cast<size_t>(W));
-  weights_.reserve(static_cast<size_t>(W));
-  for (int64_t r = 0; r < W; ++r) {
-    const RankSource& src = ranks[static_cast<size_t>(r)];
+  files_.reserve(static_cast<size_t>(L));
+  weights_.reserve(static_cast<size_t>(L));
+  for (int64_t i = 0; i < L; ++i) {
+    const RankSource& src = ranks[static_cast<size_t>(i)];
+    const int64_t r = first + i;
     if (src.expect.rank != r || src.expect.world_size != W)
       throw FormatError(src.path + ": listed as rank " + std::to_string(src.expect.rank) + " of " +
-                        std::to_string(src.expect.world_size) + " at position " + std::to_string(r) +
-                        " of a world of " + std::to_string(W));
+                        std::to_string(src.expect.world_size) + " where rank " + std::to_string(r) +
+                        " of a world of " + std::to_string(W) + " is held");
     files_.emplace_back(src.path);
     const RankPrefix prefix = check_prefix(files_.back(), src.expect);
     weights_.push_back(bind_rank_weights(files_.back(), prefix.data_offset, src.tensors, model_, layout_,
                                          options.verify_crc));
   }
 
-  kv_geometry_.world_size = static_cast<int>(W);
+  kv_geometry_.world_size = static_cast<int>(L);  // the caches hold this process's ranks
   kv_geometry_.layers = model_.num_hidden_layers;
   kv_geometry_.sliding = model_.sliding;
   kv_geometry_.window = model_.sliding_window;
@@ -64,10 +71,10 @@ Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector
   rope_ = compute_rope(model_);
   attn_scale_ = static_cast<float>(std::pow(static_cast<double>(model_.head_dim), -0.5));
 
-  comm_ = std::make_unique<SharedMemoryCommunicator>(static_cast<int>(W));
-  rank_pool_ = std::make_unique<ThreadPool>(static_cast<int>(W));
-  for (int64_t r = 0; r < W; ++r) pools_.push_back(std::make_unique<ThreadPool>(threads_per_rank_));
-  work_.resize(static_cast<size_t>(W));
+  comm_ = std::move(comm);
+  rank_pool_ = std::make_unique<ThreadPool>(static_cast<int>(L));
+  for (int64_t i = 0; i < L; ++i) pools_.push_back(std::make_unique<ThreadPool>(threads_per_rank_));
+  work_.resize(static_cast<size_t>(L));
 }
 
 Engine::~Engine() { close(); }
@@ -147,7 +154,8 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
   check_request(batch);
 
   // Flatten the batch (every allocation happens here, before the ranks start).
-  const size_t W = static_cast<size_t>(layout_.world_size);
+  const size_t W = static_cast<size_t>(layout_.world_size), L = static_cast<size_t>(local_ranks());
+  const bool holds_logits = first_rank() == 0;
   const size_t H = static_cast<size_t>(model_.hidden_size), D = static_cast<size_t>(model_.head_dim);
   const size_t half = D / 2;
   seqs_.clear();
@@ -208,10 +216,15 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.logits.resize(S * V);
     w.scores.resize(T * (Nq / Nkv) * static_cast<size_t>(max_keys));
   }
-  gathered_.resize(W * S * V);
-  comm_->reserve(N * H);
+  if (holds_logits) gathered_.resize(W * S * V);
+  comm_->reserve(std::max(N * H, S * V));
 
-  rank_pool_->run(static_cast<int>(W), [&](int r) { rank_forward(r); });
+  rank_pool_->run(static_cast<int>(L), [&](int r) { rank_forward(r); });
+  check_files_intact();
+  if (!holds_logits) {
+    for (const Seq& s : seqs_) s.cache->set_position(s.pos0 + static_cast<int64_t>(s.n));
+    return {};
+  }
 
   // Logits rows: the vocabulary is split by rows over the ranks; padding rows are dropped.
   const size_t vocab = static_cast<size_t>(model_.vocab_size);
@@ -223,7 +236,6 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
       const size_t count = std::min(V, vocab - begin);
       std::memcpy(out.data() + s * vocab + begin, gathered_.data() + (r * S + s) * V, count * sizeof(float));
     }
-  check_files_intact();
   check_finite(out);
   for (const Seq& s : seqs_) s.cache->set_position(s.pos0 + static_cast<int64_t>(s.n));
   return out;
@@ -275,7 +287,7 @@ void Engine::rank_forward(int rank) {
 
   // Embedding: this rank holds vocabulary rows [rank * V, (rank + 1) * V); the others are zero
   // here, and the all-reduce assembles every token's row (adding exact zeros).
-  const int64_t first_row = static_cast<int64_t>(rank) * static_cast<int64_t>(V);
+  const int64_t first_row = static_cast<int64_t>(first_rank() + rank) * static_cast<int64_t>(V);
   const size_t esize = dtype_size(wt.embed.dtype);
   parallel_for(pool, N, [&](int, size_t b, size_t e) {
     for (size_t t = b; t < e; ++t) {

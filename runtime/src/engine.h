@@ -43,9 +43,11 @@ struct ForwardRequest {
 
 class Engine {
  public:
-  // Maps and checks every rank file; throws FormatError (a bad file or table) or UsageError.
+  // Maps and checks the rank files of this process, `ranks`: all of them, computed by threads
+  // exchanging through shared memory (comm null), or the ranks of `comm` held here (an MPI
+  // process's share). Throws FormatError (a bad file or table) or UsageError.
   Engine(const ModelConfig& model, const Layout& layout, const std::vector<RankSource>& ranks,
-         const EngineOptions& options);
+         const EngineOptions& options, std::unique_ptr<Communicator> comm = nullptr);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -53,8 +55,11 @@ class Engine {
   const ModelConfig& model() const { return model_; }
   const Layout& layout() const { return layout_; }
   int64_t max_context() const { return max_context_; }
-  int threads() const { return threads_per_rank_ * static_cast<int>(layout_.world_size); }
+  int threads() const { return threads_per_rank_ * local_ranks(); }
   int threads_per_rank() const { return threads_per_rank_; }
+  // The ranks this process holds: [first_rank(), first_rank() + local_ranks()).
+  int first_rank() const { return comm_->first_rank(); }
+  int local_ranks() const { return comm_->local_ranks(); }
   // The instruction set of the matrix kernels (QWEN3PACK_ISA at construction, else the best).
   const char* isa() const { return isa_name(kernels_.isa); }
   bool closed() const { return closed_.load(); }
@@ -73,7 +78,8 @@ class Engine {
 
   // Runs the new tokens of every request through the model and advances their caches.
   // Returns the logits, vocab_size floats per row: for each request in order, one row per new
-  // token (all_logits) or one row (its last token). Throws (before any compute) UsageError for
+  // token (all_logits) or one row (its last token); nothing in a process without rank 0, where
+  // every process must call forward with the same batch. Throws (before any compute) UsageError for
   // a bad request, ContextLengthError past max_context, ClosedError after close(); and
   // after the compute, FormatError when a rank file was truncated under the mapping and
   // NumericalError when the logits are not finite.
@@ -93,6 +99,7 @@ class Engine {
   void check_request(const std::vector<ForwardRequest>& batch);
   void check_files_intact() const;
   void check_finite(const std::vector<float>& logits) const;
+  // `rank` in the functions below indexes this process's ranks (0 is first_rank()).
   void rank_forward(int rank);
   void matmul(int rank, const float* x, size_t n, const TensorView& w, float* y);
   void attention(int rank, int64_t layer);
