@@ -258,17 +258,26 @@ def _crc_of_range(fd, offset, nbytes, buffer):
     return crc_hex(crc)
 
 
-def open(directory):
+def open(directory, ranks=None):
     """Opens a converted model: the manifest and every rank file, checked against each other,
-    against the layout and against their own sizes. Checksums are not read (see validate)."""
+    against the layout and against their own sizes. Checksums are not read (see validate).
+    ranks: the rank numbers whose files are opened (None: all), as a host that computes only some
+    ranks needs; ConvertedModel.ranks then holds those."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    ranks = []
-    for rank, entry in enumerate(manifest["rank_files"]):
+    entries = list(enumerate(manifest["rank_files"]))
+    if ranks is not None:
+        world = len(entries)
+        for rank in ranks:
+            if not 0 <= rank < world:
+                raise FormatError(f"{directory / MANIFEST}: has no rank {rank} (tp {world})")
+        entries = [entries[rank] for rank in ranks]
+    opened = []
+    for rank, entry in entries:
         rank_file = read_rank_file(directory / entry["file"])
         _first(rank_file_problems(rank_file, manifest, rank))
-        ranks.append(rank_file)
-    return ConvertedModel(directory, manifest, ranks)
+        opened.append(rank_file)
+    return ConvertedModel(directory, manifest, opened)
 
 
 def gather(directory, name):
