@@ -18,6 +18,8 @@ $(VENV)/.deps: pyproject.toml
 
 $(VENV)/.test-deps: $(VENV)/.deps
 	$(PIP) install -q pytest torch==2.13.0 "transformers>=4.51" openai httpx
+	# The [mpi] extra, so that the MPI tests and bench lines run (they are skipped without it).
+	$(PIP) install -q "mpi4py>=4.0" mpich
 	touch $@
 
 # Rebuilds the C++ extension incrementally (build/ keeps the CMake tree between runs).

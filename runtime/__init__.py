@@ -1,6 +1,7 @@
 """The qwen3pack runtime: runs a converted directory with the C++ core (qwen3pack._core).
 
     m = qwen3pack.runtime.load(directory, threads=None, max_context=4096, verify="quick")
+    m = load(directory, backend="mpi", ranks_per_process=1)  # under mpiexec: ranks as processes (mpi.py)
     m.config                       # the model object of the manifest (formats/SPEC.md)
     m.logits(ids)                  # float32 [len(ids), vocab_size], a fresh forward pass
     m.logits_batch([a, b, c])      # one batched forward pass; a list of [len_i, vocab_size]

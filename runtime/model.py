@@ -2,12 +2,14 @@
 import math
 import os
 import secrets
+import socket
+from pathlib import Path
 
 import numpy as np
 
 from .. import _core
 from .. import formats
-from . import text
+from . import mpi, text
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 ContextLengthError = _core.ContextLengthError
@@ -15,9 +17,10 @@ ClosedError = _core.ClosedError
 ForkedError = _core.ForkedError        # a model used in a child forked after it was loaded
 NumericalError = _core.NumericalError  # NaN or Inf logits
 VERIFY_MODES = ("quick", "full")
+BACKENDS = ("threads", "mpi")
 
 
-def load(directory, threads=None, max_context=4096, verify="quick"):
+def load(directory, threads=None, max_context=4096, verify="quick", backend="threads", ranks_per_process=1):
     """Opens a converted directory and maps its rank files.
 
     threads: compute threads in all (None: the CPUs this process may use); each of the W ranks
@@ -25,13 +28,26 @@ def load(directory, threads=None, max_context=4096, verify="quick"):
     generated tokens) of a session; the KV cache is sized by it, not by the model's
     max_position_embeddings. verify: "quick" checks every header, offset, size and shape;
     "full" also checks every tensor's CRC32C (reads all the weights once).
+
+    backend: "threads" computes every rank in this process; "mpi" (under mpiexec, with the
+    qwen3pack[mpi] extra) computes ranks_per_process ranks in each MPI process, which maps only
+    their files (`threads` is then per process). Process 0 gets the Model; the others follow it
+    until it closes the model and then exit, inside this call (see qwen3pack.runtime.mpi).
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    ranks_per_process = _positive_int(ranks_per_process, "ranks_per_process", MAX_THREADS)
+    if backend == "threads" and ranks_per_process != 1:
+        raise ValueError("ranks_per_process applies to backend='mpi' (the threads backend holds every rank)")
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = _positive_int(threads, "threads", MAX_THREADS)
     max_context = _positive_int(max_context, "max_context", MAX_CONTEXT)
+    if backend == "mpi":
+        return mpi.load(directory, threads, max_context, verify == "full", ranks_per_process,
+                        lambda engine, manifest: Model(engine, manifest, _tokenizer_of(Path(directory))))
     converted = formats.open(directory)
     engine = _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
                           verify == "full")
@@ -164,6 +180,15 @@ class Model:
     @property
     def vocab_size(self):
         return self._vocab_size
+
+    @property
+    def processes(self):
+        """The processes computing the model, as dicts: process, ranks, pid, host. With the
+        threads backend, this one process and every rank."""
+        engine = self._live()
+        if hasattr(engine, "processes"):  # mpi.DrivingEngine
+            return engine.processes
+        return [{"process": 0, "ranks": list(range(self.world_size)), "pid": os.getpid(), "host": socket.gethostname()}]
 
     @property
     def closed(self):

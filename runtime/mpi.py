@@ -1,0 +1,270 @@
+"""Ranks as MPI processes: a model computed by the processes of an `mpiexec` run, each holding
+ranks_per_process consecutive ranks and mapping only their rank files, so that a host needs the
+memory of its share of the model, not of all of it.
+
+Process 0 drives. The Model that load() gives it is an ordinary one whose engine first tells the
+other processes every step (one mpi4py broadcast per forward pass: the token ids), then computes
+its own part. The other processes follow those steps until process 0 closes the model, and then
+leave the program (load() never returns there). The all-reduces inside a forward pass are the C++
+engine's own MPI calls (runtime/src/comm_mpi.cpp), not Python's.
+
+Failures end every process: one that cannot start (a missing or bad rank file, processes that
+disagree on the model) makes load() raise on all of them, naming the process, its ranks and the
+cause; one that fails or dies later stops the whole run (MPI_Abort, or the launcher's cleanup when
+a process is killed). A step that process 0 refuses before computing (a bad request, a full
+context) is refused by every process alike, and the run goes on.
+"""
+import atexit
+import os
+import signal
+import socket
+import sys
+import threading
+import weakref
+
+from .. import _core
+from .. import formats
+
+INSTALL_HINT = "pip install 'qwen3pack[mpi]'"
+# The MPICH ABI's handles, which the C++ communicator uses (runtime/src/comm_mpi.cpp).
+MPICH_ABI = {"COMM_WORLD": 0x44000000, "FLOAT": 0x4c00040a}
+
+
+class MpiUnavailable(ImportError):
+    """The MPI backend was asked for without mpi4py and an MPI library of the MPICH ABI."""
+
+
+class MpiStartError(ValueError):
+    """A process could not start its share of the model, or the processes disagree; every
+    process raises the same error."""
+
+
+def mpi_module():
+    """mpi4py's MPI module (initializing MPI), checked to run on an MPICH-ABI library."""
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as error:  # no mpi4py, or no MPI library for it
+        raise MpiUnavailable(f"the MPI backend needs mpi4py and an MPI library: {INSTALL_HINT} ({error})") from None
+    if MPI.COMM_WORLD.handle != MPICH_ABI["COMM_WORLD"] or MPI.FLOAT.handle != MPICH_ABI["FLOAT"]:
+        raise MpiUnavailable("the MPI backend runs on an MPI library of the MPICH ABI (the mpich wheel of "
+                             f"{INSTALL_HINT}, MPICH, Intel MPI, MVAPICH); mpi4py loaded "
+                             f"{MPI.Get_library_version().splitlines()[0]}")
+    return MPI
+
+
+def library_path():
+    """The file of the MPI library that mpi4py loaded (the C++ engine looks its functions up there)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith("libmpi.so"):
+                return fields[5].strip()
+    raise MpiUnavailable("mpi4py is loaded but no libmpi.so is mapped in this process")
+
+
+def load(directory, threads, max_context, verify_crc, ranks_per_process, make_model):
+    """This process's share of the model in `directory` (see the module's docstring). On process
+    0, returns make_model(engine, manifest); on the others, follows process 0 and exits."""
+    MPI = mpi_module()
+    comm = MPI.COMM_WORLD.Dup()  # the engine's own: its error handler and traffic apart from the caller's
+    process, processes = comm.rank, comm.size
+    ranks = list(range(process * ranks_per_process, (process + 1) * ranks_per_process))
+    where = f"MPI process {process} (ranks {ranks[0]} to {ranks[-1]}, pid {os.getpid()} on {socket.gethostname()})"
+
+    def agree(step):
+        """step() on every process; raises MpiStartError on all of them if it failed on any."""
+        try:
+            result, failure = step(), None
+        except Exception as error:  # every process must reach the allgather below, whatever failed
+            result, failure = None, f"{where}: {error}"
+        failures = [f for f in comm.allgather(failure) if f is not None]
+        if failures:
+            raise MpiStartError("; ".join(failures))
+        return comm.allgather(result)
+
+    manifest = agree(lambda: formats.read_manifest(directory))[process]
+    identities = agree(lambda: (manifest["conversion_id"], manifest["layout"]["world_size"], ranks_per_process))
+    if len(set(identities)) > 1:
+        raise MpiStartError("the processes disagree on the model: " + "; ".join(
+            f"process {p} has conversion {cid} of tp {tp} with {rpp} ranks per process"
+            for p, (cid, tp, rpp) in enumerate(identities)))
+    tp = manifest["layout"]["world_size"]
+    if processes * ranks_per_process != tp:
+        raise MpiStartError(f"{directory} was converted for tp {tp}, but {processes} MPI processes with "
+                            f"{ranks_per_process} ranks per process hold {processes * ranks_per_process}: run P "
+                            f"processes (mpiexec -n P) with --ranks-per-process R where P * R = {tp}")
+
+    def start():
+        from .model import rank_sources  # model imports this module
+        converted = formats.open(directory, ranks=ranks)
+        return _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
+                            verify_crc, mpi_library=library_path(), mpi_comm=comm.handle)
+
+    engine = None
+
+    def start_here():
+        nonlocal engine
+        engine = start()
+        return {"process": process, "ranks": ranks, "pid": os.getpid(), "host": socket.gethostname()}
+
+    processes = agree(start_here)
+    if process != 0:
+        follow(engine, comm, where)
+        sys.exit(0)
+    # Which pid holds which ranks: a launcher reports a process that died by its pid.
+    print("qwen3pack: " + "; ".join(f"MPI process {p['process']} (ranks {p['ranks'][0]} to {p['ranks'][-1]}) is "
+                                    f"pid {p['pid']} on {p['host']}" for p in processes), file=sys.stderr, flush=True)
+    driver = DrivingEngine(engine, comm, processes)
+    atexit.register(_close_at_exit, weakref.ref(driver))  # before mpi4py finalizes MPI (atexit runs in reverse)
+    return make_model(driver, manifest)
+
+
+def _close_at_exit(driver_ref):
+    driver = driver_ref()
+    if driver is not None:
+        driver.close()
+
+
+class DrivingEngine:
+    """Process 0's engine: _core.Engine's interface, each call told to the followers first."""
+
+    def __init__(self, engine, comm, processes):
+        self._engine = engine
+        self._comm = comm
+        self.processes = processes
+        self._lock = threading.Lock()  # a step's broadcast and its compute, one step at a time
+        self._next_session = 0
+        self._dropped = []  # sessions gone here, dropped by the followers with the next step
+        for name in ("vocab_size", "max_context", "world_size", "threads", "threads_per_rank", "isa",
+                     "first_rank", "local_ranks"):
+            setattr(self, name, getattr(engine, name))
+
+    @property
+    def closed(self):
+        return self._engine.closed
+
+    def _tell(self, *step):
+        dropped = []
+        while self._dropped:
+            dropped.append(self._dropped.pop())
+        self._comm.bcast((dropped, step), root=0)
+
+    def _step(self, step, compute):
+        with self._lock:
+            if self._engine.closed:
+                raise _core.ClosedError("the model is closed")
+            self._tell(*step)
+            return compute()
+
+    def new_session(self):
+        with self._lock:
+            self._next_session += 1
+            return DrivingSession(self, self._next_session, self._engine.new_session())
+
+    def forward(self, sessions, ids, all_logits):
+        before = [s._core.position for s in sessions]
+        try:
+            return self._step(("forward", [s._id for s in sessions], ids, all_logits),
+                              lambda: self._engine.forward([s._core for s in sessions], ids, all_logits))
+        except _core.NumericalError:
+            self._rewind(sessions, before)
+            raise
+
+    def logits_batch(self, ids):
+        return self._step(("logits_batch", ids), lambda: self._engine.logits_batch(ids))
+
+    def _rewind(self, sessions, before):
+        """After NumericalError here (rank 0 alone sees the logits), the followers' sessions, which
+        advanced, go back to where this process's stayed."""
+        self._step(("rewind", [(s._id, p) for s, p in zip(sessions, before)]), lambda: None)
+
+    def close(self):
+        with self._lock:
+            if self._engine.closed:
+                return
+            self._tell("close")
+            self._engine.close()
+
+
+class DrivingSession:
+    """Process 0's session: _core.Session's interface, each change told to the followers first."""
+
+    def __init__(self, driver, id, core):
+        self._driver, self._id, self._core = driver, id, core
+
+    @property
+    def position(self):
+        return self._core.position
+
+    def append(self, ids, all_logits=False):
+        return self._driver.forward([self], [ids], [all_logits])[0]
+
+    def fork(self):
+        driver = self._driver
+        with driver._lock:
+            driver._next_session += 1
+            copy = DrivingSession(driver, driver._next_session, self._core.fork())
+            driver._tell("fork", self._id, copy._id)
+            return copy
+
+    def reset(self):
+        self._driver._step(("reset", self._id), self._core.reset)
+
+    def truncate(self, length):
+        self._driver._step(("truncate", self._id, length), lambda: self._core.truncate(length))
+
+    def __del__(self):
+        self._driver._dropped.append(self._id)
+
+
+def follow(engine, comm, where):
+    """A follower's loop: process 0's steps, in order, until it closes the model. A step that
+    process 0 refuses before computing is refused here alike; any other failure stops every process."""
+    sessions = {}
+    if threading.current_thread() is threading.main_thread():
+        # The launcher passes Ctrl-C and SIGTERM to every process: process 0 finishes its work
+        # (a server its requests) and then closes the model, which ends this loop.
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
+    try:
+        while True:
+            dropped, step = comm.bcast(None, root=0)
+            for id in dropped:
+                sessions.pop(id, None)
+            op, args = step[0], step[1:]
+            if op == "close":
+                engine.close()
+                return
+            try:
+                _follow_step(engine, sessions, op, args)
+            except (_core.UsageError, _core.ContextLengthError):
+                pass  # checked before any compute: process 0 refused the same step
+    except BaseException as error:
+        print(f"qwen3pack: {where}: {type(error).__name__}: {error}; stopping every process", file=sys.stderr,
+              flush=True)
+        comm.Abort(1)
+
+
+def _follow_step(engine, sessions, op, args):
+    def session(id):
+        if id not in sessions:
+            sessions[id] = engine.new_session()
+        return sessions[id]
+
+    if op == "forward":
+        ids, arrays, all_logits = args
+        engine.forward([session(i) for i in ids], arrays, all_logits)
+    elif op == "logits_batch":
+        engine.logits_batch(*args)
+    elif op == "fork":
+        source, copy = args
+        sessions[copy] = session(source).fork()
+    elif op == "reset":
+        session(args[0]).reset()
+    elif op == "truncate":
+        session(args[0]).truncate(args[1])
+    elif op == "rewind":
+        for id, position in args[0]:
+            session(id).truncate(position)
+    else:
+        raise RuntimeError(f"unknown step {op!r} from process 0")
