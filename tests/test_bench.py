@@ -27,11 +27,17 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     assert set(printed["transformers"]) == {"1", "2"}
     assert set(printed["transformers"]["1"]) == {"prefill_tok_s", "decode_tok_s"}
     assert printed["llama.cpp"] is None
+    if bench.mpiexec() is None:
+        assert printed["mpi"] is None
+    else:
+        assert set(printed["mpi"]) == {"processes", "tp", "decode_tok_s", "threads_decode_tok_s", "all_reduce_floats",
+                                       "all_reduce_s", "threads_all_reduce_s"}
+        assert printed["mpi"]["decode_tok_s"] > 0 and printed["mpi"]["all_reduce_s"] > 0
 
     bench.print_table(results)
     table = capsys.readouterr().out
     for line in ("read bandwidth", "FMA peak", "decode b16", "transformers (tokens/s)", "llama.cpp: not found",
-                 "convert/cp"):
+                 "convert/cp", "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):
         assert line in table
 
 

@@ -4,6 +4,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -339,6 +340,33 @@ double fma_peak_flops(const std::string& isa, double seconds) {
   return without_gil([&] { return q3p::fma_peak_flops(kernel.isa, seconds); });
 }
 
+// Seconds per all_reduce_sum of n floats, the median of `iterations` timed after as many untimed:
+// over MPI (with mpi_library: one rank in every process of mpi_comm, each calling this) or between
+// `ranks` threads through shared memory. For the benchmark's per-layer latency.
+double all_reduce_seconds(size_t n, int iterations, const std::string& mpi_library, uint64_t mpi_comm, int ranks) {
+  if (n < 1 || iterations < 1 || ranks < 1) throw q3p::UsageError("n, iterations and ranks must be >= 1");
+  std::unique_ptr<q3p::Communicator> comm;
+  if (mpi_library.empty()) comm = std::make_unique<q3p::SharedMemoryCommunicator>(ranks);
+  else comm = std::make_unique<q3p::MpiCommunicator>(mpi_library, mpi_comm, 1);
+  const int local = comm->local_ranks();
+  comm->reserve(n);
+  std::vector<std::vector<float>> data(static_cast<size_t>(local), std::vector<float>(n, 1.0f));
+  std::vector<double> times;
+  q3p::ThreadPool pool(local);
+  without_gil([&] {
+    pool.run(local, [&](int r) {
+      for (int i = 0; i < 2 * iterations; ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        comm->all_reduce_sum(r, data[static_cast<size_t>(r)].data(), n);
+        if (r == 0 && i >= iterations)
+          times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+    });
+  });
+  std::nth_element(times.begin(), times.begin() + static_cast<std::ptrdiff_t>(times.size() / 2), times.end());
+  return times[times.size() / 2];
+}
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
   for (q3p::Isa isa : {q3p::Isa::Generic, q3p::Isa::Avx2, q3p::Isa::Avx512})
@@ -359,6 +387,10 @@ NB_MODULE(_core, m) {
   m.def("supported_isas", &supported_isas, "The matrix kernels' instruction sets this machine runs, generic first.");
   m.def("fma_peak_flops", &fma_peak_flops, "isa"_a = "", "seconds"_a = 0.2,
         "f32 FMA operations per second of one thread from registers (isa: QWEN3PACK_ISA's names, '' the best).");
+  m.def("all_reduce_seconds", &all_reduce_seconds, "n"_a, "iterations"_a, "mpi_library"_a = "", "mpi_comm"_a = 0,
+        "ranks"_a = 2,
+        "Median seconds of an all-reduce of n floats: over MPI (mpi_library: the loaded libmpi; mpi_comm: a "
+        "communicator whose every process calls this) or between `ranks` threads through shared memory.");
   m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a,
         "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns).");
 

@@ -13,7 +13,11 @@ tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank):
 - transformers (torch CPU, bf16, same threads, same weights): prefill and decode, as ratios;
 - llama.cpp's llama-bench on the same weights when LLAMA_BENCH names it (the GGUF made by the
   convert_hf_to_gguf.py of LLAMA_CPP_DIR), as ratios; otherwise "llama.cpp: not found";
-- conversion against `cp` + `sync` of the same bytes, and checksum validation.
+- conversion against `cp` + `sync` of the same bytes, and checksum validation;
+- with the qwen3pack[mpi] extra, tp 2 as `mpiexec -n 2` processes of one thread each: decode
+  tokens/s at batch 1 against tp 2 with 2 threads in one process, and the latency of one
+  all-reduce of a decode step's hidden vector over MPI and between threads (two per layer);
+  otherwise "MPI: not installed".
 Every figure is the median of --repeats runs, interleaved over the configurations. --json prints
 the results as JSON instead of the table; --quick runs everything on a tiny model in seconds
 (the test suite does, to keep this script working; its numbers mean nothing).
@@ -108,6 +112,51 @@ def memory_bandwidth(threads, nbytes):
     chunks = np.array_split(np.ones(nbytes // 8, dtype=np.float64), threads)
     with ThreadPoolExecutor(threads) as pool:
         return nbytes / min(seconds(lambda: list(pool.map(np.sum, chunks))) for _ in range(5))
+
+
+MPI_PROCESSES = 2
+ALL_REDUCE_ITERATIONS = 2000
+
+
+def mpiexec():
+    """The mpiexec of the [mpi] extra beside this Python, or None without the extra."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None
+    launcher = Path(sys.executable).parent / "mpiexec"
+    return launcher if launcher.exists() else None
+
+
+def bench_mpi(directory, quick):
+    """The MPI figures of the model in `directory` (tp 2), measured by `mpiexec -n 2` processes
+    running mpi_process; None without the [mpi] extra."""
+    launcher = mpiexec()
+    if launcher is None:
+        return None
+    done = subprocess.run([str(launcher), "-n", str(MPI_PROCESSES), sys.executable, "-m", "qwen3pack.bench",
+                           "--mpi-process", str(directory), *(["--quick"] if quick else [])],
+                          check=True, capture_output=True, text=True, timeout=600)
+    return json.loads(done.stdout)
+
+
+def mpi_process(directory, quick):
+    """In each process of bench_mpi's run: the all-reduce latency, then decode at batch 1 (process 0
+    drives and prints the results as JSON; the others follow it inside load)."""
+    from . import _core, load
+    from .runtime import mpi
+    p = plan(quick)
+    MPI = mpi.mpi_module()
+    hidden = formats.read_manifest(directory)["model"]["hidden_size"]
+    all_reduce_s = _core.all_reduce_seconds(hidden, ALL_REDUCE_ITERATIONS // (10 if quick else 1), mpi.library_path(),
+                                            MPI.COMM_WORLD.Dup().handle)
+    model = load(directory, backend="mpi", threads=1, max_context=p["prompt"] + p["decode"] + 1)
+    ids = np.random.default_rng(0).integers(0, model.vocab_size, p["prompt"] + p["decode"]).tolist()
+    with model:
+        session = model.session()
+        session.append(ids[:p["prompt"]])
+        decode_s = seconds(lambda: [session.append([t]) for t in ids[p["prompt"]:]])
+    print(json.dumps(dict(decode_tok_s=p["decode"] / decode_s, all_reduce_s=all_reduce_s)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,6 +266,7 @@ def run(args):
         samples = {run: [] for run in RUNS}
         baselines = {name: {t: [] for t in threads_used} for name in ("transformers", "llama.cpp")}
         bandwidth = {t: [] for t in threads_used}
+        over_mpi, all_reduce_threads = [], []
         for repeat in range(args.repeats):
             log(args, f"round {repeat + 1} of {args.repeats} ...")
             for tp, threads in RUNS:
@@ -227,6 +277,9 @@ def run(args):
                     baselines["transformers"][t].append(bench_transformers(source, t, p, rng))
                 if gguf:
                     baselines["llama.cpp"][t].append(bench_llama_cpp(gguf, t, p))
+            over_mpi.append(bench_mpi(converted[2], args.quick))
+            all_reduce_threads.append(_core.all_reduce_seconds(
+                config["hidden_size"], ALL_REDUCE_ITERATIONS // (10 if args.quick else 1), ranks=MPI_PROCESSES))
 
         bandwidth = {t: max(v) for t, v in bandwidth.items()}
         flops_per_token = 2 * matrix_weights(config)
@@ -247,11 +300,18 @@ def run(args):
                 if got:
                     results[t] = {k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")}
             baseline_results[name] = results or None
+        mpi = None
+        if over_mpi[0] is not None:
+            threads_run = next(x for x in runs if x["tp"] == MPI_PROCESSES and x["threads"] == MPI_PROCESSES)
+            mpi = dict(processes=MPI_PROCESSES, tp=MPI_PROCESSES, decode_tok_s=median([g["decode_tok_s"] for g in over_mpi]),
+                       threads_decode_tok_s=threads_run["decode_tok_s"][1], all_reduce_floats=config["hidden_size"],
+                       all_reduce_s=median([g["all_reduce_s"] for g in over_mpi]),
+                       threads_all_reduce_s=median(all_reduce_threads))
         return dict(
             model=dict(size="tiny (--quick)" if args.quick else args.size, layers=config["num_hidden_layers"],
                        weight_bytes=weight_bytes, flops_per_token=flops_per_token),
             machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak, read_bandwidth_bytes_s=bandwidth),
-            sizes=p, repeats=args.repeats, runs=runs, conversion=conversion, **baseline_results)
+            sizes=p, repeats=args.repeats, runs=runs, conversion=conversion, mpi=mpi, **baseline_results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -289,6 +349,16 @@ def print_table(r):
             ours = next(x for x in r["runs"] if x["tp"] == 1 and x["threads"] == t)
             print(f"  {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours {ratio(ours['prefill_tok_s'], theirs['prefill_tok_s'])}), "
                   f"decode {theirs['decode_tok_s']:.1f} (ours {ratio(ours['decode_tok_s'][1], theirs['decode_tok_s'])})")
+    mpi = r["mpi"]
+    if mpi is None:
+        print("\nMPI: not installed (pip install 'qwen3pack[mpi]'; make test installs it)")
+    else:
+        print(f"\nMPI (mpiexec -n {mpi['processes']}, one thread per process), tp {mpi['tp']}: decode b1 "
+              f"{mpi['decode_tok_s']:.1f} tokens/s, {ratio(mpi['decode_tok_s'], mpi['threads_decode_tok_s'])} of "
+              f"{mpi['threads_decode_tok_s']:.1f} with {mpi['processes']} threads in one process; all-reduce of "
+              f"{mpi['all_reduce_floats']} floats {mpi['all_reduce_s'] * 1e6:.1f} us over MPI, "
+              f"{mpi['threads_all_reduce_s'] * 1e6:.1f} us between threads (2 per layer: "
+              f"{2 * mpi['all_reduce_s'] * 1e6:.1f} us and {2 * mpi['threads_all_reduce_s'] * 1e6:.1f} us)")
     c = r["conversion"]
     print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s; cp + sync {c['cp_sync_s']:.2f} s; "
           f"convert/cp {c['convert_over_cp']:.2f} (target <= 1.5); validate {c['validate_gb_s']:.2f} GB/s")
@@ -303,7 +373,10 @@ def main(argv=None):
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--quick", action="store_true", help="a tiny model and few tokens: checks that it runs")
+    parser.add_argument("--mpi-process", metavar="DIR", help=argparse.SUPPRESS)  # a process of bench_mpi's run
     args = parser.parse_args(argv)
+    if args.mpi_process:
+        return mpi_process(args.mpi_process, args.quick)
     results = run(args)
     if args.json:
         print(json.dumps(results, indent=2))
