@@ -11,8 +11,8 @@ engine's own MPI calls (runtime/src/comm_mpi.cpp), not Python's.
 Failures end every process: one that cannot start (a missing or bad rank file, processes that
 disagree on the model) makes load() raise on all of them, naming the process, its ranks and the
 cause; one that fails or dies later stops the whole run (MPI_Abort, or the launcher's cleanup when
-a process is killed). A step that process 0 refuses before computing (a bad request, a full
-context) is refused by every process alike, and the run goes on.
+a process is killed). Process 0 checks every step before it sends it: a step it refuses (a bad
+request, a full context) raises there and reaches no other process, and the run goes on.
 """
 import atexit
 import os
@@ -126,13 +126,14 @@ def _close_at_exit(driver_ref):
 
 
 class DrivingEngine:
-    """Process 0's engine: _core.Engine's interface, each call told to the followers first."""
+    """Process 0's engine: _core.Engine's interface; a forward pass is checked here, then told to
+    the followers, then computed here as there."""
 
     def __init__(self, engine, comm, processes):
         self._engine = engine
         self._comm = comm
         self.processes = processes
-        self._lock = threading.Lock()  # a step's broadcast and its compute, one step at a time
+        self._lock = threading.Lock()  # a step's check, broadcast and compute, one step at a time
         self._next_session = 0
         self._dropped = []  # sessions gone here, dropped by the followers with the next step
         for name in ("vocab_size", "max_context", "world_size", "threads", "threads_per_rank", "isa",
@@ -149,34 +150,27 @@ class DrivingEngine:
             dropped.append(self._dropped.pop())
         self._comm.bcast((dropped, step), root=0)
 
-    def _step(self, step, compute):
-        with self._lock:
-            if self._engine.closed:
-                raise _core.ClosedError("the model is closed")
-            self._tell(*step)
-            return compute()
-
     def new_session(self):
         with self._lock:
             self._next_session += 1
             return DrivingSession(self, self._next_session, self._engine.new_session())
 
     def forward(self, sessions, ids, all_logits):
-        before = [s._core.position for s in sessions]
-        try:
-            return self._step(("forward", [s._id for s in sessions], ids, all_logits),
-                              lambda: self._engine.forward([s._core for s in sessions], ids, all_logits))
-        except _core.NumericalError:
-            self._rewind(sessions, before)
-            raise
+        cores = [s._core for s in sessions]
+        with self._lock:
+            self._engine.check(cores, ids)  # a step refused here is sent to no one
+            before = [core.position for core in cores]
+            self._tell("forward", [s._id for s in sessions], ids, all_logits)
+            try:
+                return self._engine.forward(cores, ids, all_logits)
+            except (_core.NumericalError, _core.FormatError):
+                # Raised after the compute, here alone (the logits and these files are this
+                # process's): the followers' sessions advanced, and go back to where these stayed.
+                self._tell("rewind", [(s._id, position) for s, position in zip(sessions, before)])
+                raise
 
     def logits_batch(self, ids):
-        return self._step(("logits_batch", ids), lambda: self._engine.logits_batch(ids))
-
-    def _rewind(self, sessions, before):
-        """After NumericalError here (rank 0 alone sees the logits), the followers' sessions, which
-        advanced, go back to where this process's stayed."""
-        self._step(("rewind", [(s._id, p) for s, p in zip(sessions, before)]), lambda: None)
+        return self.forward([self.new_session() for _ in ids], ids, [True] * len(ids))
 
     def close(self):
         with self._lock:
@@ -187,7 +181,8 @@ class DrivingEngine:
 
 
 class DrivingSession:
-    """Process 0's session: _core.Session's interface, each change told to the followers first."""
+    """Process 0's session: _core.Session's interface, each change made here, then told to the
+    followers (these steps compute nothing, so a refused one is sent to no one)."""
 
     def __init__(self, driver, id, core):
         self._driver, self._id, self._core = driver, id, core
@@ -208,18 +203,22 @@ class DrivingSession:
             return copy
 
     def reset(self):
-        self._driver._step(("reset", self._id), self._core.reset)
+        with self._driver._lock:
+            self._core.reset()
+            self._driver._tell("reset", self._id)
 
     def truncate(self, length):
-        self._driver._step(("truncate", self._id, length), lambda: self._core.truncate(length))
+        with self._driver._lock:
+            self._core.truncate(length)
+            self._driver._tell("truncate", self._id, length)
 
     def __del__(self):
         self._driver._dropped.append(self._id)
 
 
 def follow(engine, comm, where):
-    """A follower's loop: process 0's steps, in order, until it closes the model. A step that
-    process 0 refuses before computing is refused here alike; any other failure stops every process."""
+    """A follower's loop: process 0's steps, in order, until it closes the model. Process 0 sends
+    only steps it checked, so any failure here stops every process."""
     sessions = {}
     if threading.current_thread() is threading.main_thread():
         # The launcher passes Ctrl-C and SIGTERM to every process: process 0 finishes its work
@@ -235,10 +234,7 @@ def follow(engine, comm, where):
             if op == "close":
                 engine.close()
                 return
-            try:
-                _follow_step(engine, sessions, op, args)
-            except (_core.UsageError, _core.ContextLengthError):
-                pass  # checked before any compute: process 0 refused the same step
+            _follow_step(engine, sessions, op, args)
     except BaseException as error:
         print(f"qwen3pack: {where}: {type(error).__name__}: {error}; stopping every process", file=sys.stderr,
               flush=True)
@@ -254,8 +250,6 @@ def _follow_step(engine, sessions, op, args):
     if op == "forward":
         ids, arrays, all_logits = args
         engine.forward([session(i) for i in ids], arrays, all_logits)
-    elif op == "logits_batch":
-        engine.logits_batch(*args)
     elif op == "fork":
         source, copy = args
         sessions[copy] = session(source).fork()

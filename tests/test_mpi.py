@@ -4,6 +4,7 @@ end every process with a message instead of a hang."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -70,10 +71,16 @@ COMPARE = """
     ids = [(7 * i + 3) % model.vocab_size for i in range(12)]
     session = model.session()
     steps = [session.append(ids[:9])] + [session.append([t]) for t in ids[9:]]
+    refused = []  # steps that process 0 refuses reach no other process: the run goes on in step
+    for step in (lambda: model.session().append([1] * (model.max_context + 1)), lambda: session.truncate(99)):
+        try:
+            step()
+        except ValueError as error:
+            refused.append(type(error).__name__)
     np.savez(out + "/logits.npz", full=model.logits(ids), steps=np.stack(steps),
              batch=np.concatenate(model.logits_batch([ids[:5], ids[:11]])))
-    json.dump({"maps": maps, "greedy": [int(t) for t in model.generate(ids, 24, stop_token_ids=[])]},
-              open(out + "/result.json", "w"))
+    json.dump({"maps": maps, "greedy": [int(t) for t in model.generate(ids, 24, stop_token_ids=[])],
+               "refused": refused}, open(out + "/result.json", "w"))
 """
 
 
@@ -94,6 +101,7 @@ def test_logits_and_greedy_tokens_over_mpi_equal_the_threads_backend_bit_for_bit
         assert np.array_equal(over_mpi["steps"], np.stack(steps))
         assert np.array_equal(over_mpi["batch"], np.concatenate(model.logits_batch([ids[:5], ids[:11]])))
         assert report["greedy"] == [int(t) for t in model.generate(ids, 24, stop_token_ids=[])]
+    assert report["refused"] == ["ContextLengthError", "UsageError"]
     # each process maps the files of its own ranks, and no other
     files = sorted(str(p.resolve()) for p in Path(directory).glob("*.q3p"))
     assert report["maps"] == {str(p): files[p * ranks_per_process:(p + 1) * ranks_per_process] for p in range(2)}
@@ -129,6 +137,32 @@ def test_each_host_needs_only_the_manifest_and_its_own_rank_files(models, tmp_pa
     threads = subprocess.run([str(BIN / "qwen3pack"), "generate", str(directory), *args[:-1]], capture_output=True,
                              text=True)
     assert over_mpi.stdout == threads.stdout
+
+
+@needs_mpi
+def test_serve_over_mpi_answers_as_the_threads_backend_and_stops_every_process_on_sigterm(models):
+    import httpx
+    directory = models(2)
+    server = subprocess.Popen([str(MPIEXEC), "-n", "2", str(BIN / "qwen3pack"), "serve", str(directory), "--mpi",
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()  # printed by process 0 once the socket listens
+        assert "http://127.0.0.1:" in line, (line, server.stderr.read())
+        url = line.split(" on ")[1].split()[0]
+        prompts = ["Hello", "Once upon a time"]
+        with httpx.Client(trust_env=False, timeout=60) as http:  # loopback, never a proxy
+            answers = [http.post(url + "/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0})
+                       for p in prompts]
+        with qwen3pack.load(directory, threads=2) as model:
+            for prompt, answer in zip(prompts, answers):
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["text"] == model.complete(prompt, max_tokens=8, temperature=0).text
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.communicate(timeout=30)
 
 
 @needs_mpi
@@ -191,6 +225,56 @@ def test_a_world_size_that_does_not_match_the_conversion_is_refused_at_start(mod
     result = mpiexec("-n", 2, BIN / "qwen3pack", "generate", models(4), "Hi", "--mpi")
     assert result.returncode != 0
     assert "was converted for tp 4, but 2 MPI processes with 1 ranks per process hold 2" in result.stderr
+
+
+@needs_mpi
+def test_a_process_whose_rank_file_is_truncated_mid_generation_stops_every_process_naming_it(models, tmp_path):
+    directory = tmp_path / "model"
+    directory.mkdir()
+    for path in Path(models(2)).iterdir():
+        (directory / path.name).write_bytes(path.read_bytes())
+    code = """
+        import os, sys
+        import qwen3pack
+        model = qwen3pack.load(sys.argv[1], backend="mpi", threads=1)
+        for step, token in enumerate(model.generate([1, 2, 3], 1000, stop_token_ids=[])):
+            if step == 3:  # process 1's file, which process 0 does not map
+                os.truncate(sys.argv[1] + "/rank-00001-of-00002.q3p", 4096)
+        print("generation went on")
+    """
+    result = run_script(tmp_path, code, directory, timeout=60)
+    assert result.returncode != 0
+    assert "went on" not in result.stdout
+    assert ("qwen3pack: MPI process 1 (ranks 1 to 1, pid " in result.stderr
+            and "rank-00001-of-00002.q3p: the file was truncated while the model was loaded" in result.stderr
+            and "stopping every process" in result.stderr)
+
+
+@needs_mpi
+def test_after_non_finite_logits_every_process_keeps_the_same_sessions(tmp_path, checkpoints):
+    from safetensors.numpy import load_file, save_file
+    source = tmp_path / "source"
+    source.mkdir()
+    for path in Path(checkpoints(seed=4)).iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    weights = load_file(source / "model.safetensors")
+    weights["model.norm.weight"][:] = 3e38  # the logits overflow to infinity
+    save_file(weights, source / "model.safetensors")
+    convert(source, tmp_path / "model", tp=2)
+    code = """
+        import sys
+        import qwen3pack
+        model = qwen3pack.load(sys.argv[1], backend="mpi", threads=1, max_context=4)
+        session = model.session()
+        for attempt in range(2):  # had process 1 kept the 3 tokens, the second would pass its context
+            try:
+                session.append([1, 2, 3])
+            except qwen3pack.runtime.NumericalError:
+                print("not finite at position", session.position)
+    """
+    result = run_script(tmp_path, code, tmp_path / "model", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "not finite at position 0\n" * 2
 
 
 def test_without_the_extra_the_mpi_backend_says_how_to_install_it(models):

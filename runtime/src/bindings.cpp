@@ -289,12 +289,31 @@ struct EngineHandle {
   }
 };
 
-// Runs one batched forward with the GIL released; splits the logits per request.
-std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::KVCache*>& caches,
-                                    const std::vector<std::vector<int32_t>>& ids, const std::vector<bool>& all_logits) {
+std::vector<q3p::ForwardRequest> requests(const std::vector<q3p::KVCache*>& caches,
+                                          const std::vector<std::vector<int32_t>>& ids,
+                                          const std::vector<bool>& all_logits) {
   std::vector<q3p::ForwardRequest> batch(caches.size());
   for (size_t i = 0; i < caches.size(); ++i)
     batch[i] = {caches[i], ids[i].data(), ids[i].size(), all_logits[i]};
+  return batch;
+}
+
+// The caches and token ids of Engine.forward's and Engine.check's arguments.
+void batch_of(const std::vector<Session*>& sessions, const std::vector<IdArray>& ids, size_t n_flags,
+              std::vector<q3p::KVCache*>& caches, std::vector<std::vector<int32_t>>& tokens) {
+  if (sessions.size() != ids.size() || sessions.size() != n_flags)
+    throw q3p::UsageError("sessions, ids and all_logits must have the same length");
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    if (!sessions[i]) throw q3p::UsageError("a session is None");
+    caches.push_back(sessions[i]->cache.get());
+    tokens.push_back(ids_of(ids[i]));
+  }
+}
+
+// Runs one batched forward with the GIL released; splits the logits per request.
+std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::KVCache*>& caches,
+                                    const std::vector<std::vector<int32_t>>& ids, const std::vector<bool>& all_logits) {
+  const std::vector<q3p::ForwardRequest> batch = requests(caches, ids, all_logits);
   std::vector<float> out = without_gil([&] { return engine.forward(batch); });
   if (engine.first_rank() != 0) return {};  // the logits are rank 0's
   const size_t vocab = static_cast<size_t>(engine.model().vocab_size);
@@ -473,19 +492,22 @@ NB_MODULE(_core, m) {
       .def("forward",
            [](const EngineHandle& h, std::vector<Session*> sessions, std::vector<IdArray> ids, std::vector<bool> all_logits) {
              q3p::Engine& e = h.get();
-             if (sessions.size() != ids.size() || sessions.size() != all_logits.size())
-               throw q3p::UsageError("sessions, ids and all_logits must have the same length");
              std::vector<q3p::KVCache*> caches;
              std::vector<std::vector<int32_t>> tokens;
-             for (size_t i = 0; i < sessions.size(); ++i) {
-               if (!sessions[i]) throw q3p::UsageError("a session is None");
-               caches.push_back(sessions[i]->cache.get());
-               tokens.push_back(ids_of(ids[i]));
-             }
+             batch_of(sessions, ids, all_logits.size(), caches, tokens);
              return run_forward(e, caches, tokens, all_logits);
            },
            "sessions"_a, "ids"_a, "all_logits"_a,
            "One batched forward: appends ids[i] to sessions[i] for every i; logits per session.")
+      .def("check",
+           [](const EngineHandle& h, std::vector<Session*> sessions, std::vector<IdArray> ids) {
+             q3p::Engine& e = h.get();
+             std::vector<q3p::KVCache*> caches;
+             std::vector<std::vector<int32_t>> tokens;
+             batch_of(sessions, ids, ids.size(), caches, tokens);
+             e.check(requests(caches, tokens, std::vector<bool>(ids.size(), false)));
+           },
+           "sessions"_a, "ids"_a, "Raises what forward(sessions, ids, ...) would raise before computing; computes nothing.")
       .def("logits_batch",
            [](const EngineHandle& h, std::vector<IdArray> ids) {
              q3p::Engine& e = h.get();

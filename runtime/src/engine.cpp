@@ -149,6 +149,11 @@ void Engine::check_request(const std::vector<ForwardRequest>& batch) {
   }
 }
 
+void Engine::check(const std::vector<ForwardRequest>& batch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_request(batch);
+}
+
 std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
   std::lock_guard<std::mutex> lock(mu_);
   check_request(batch);

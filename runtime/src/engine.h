@@ -84,6 +84,9 @@ class Engine {
   // after the compute, FormatError when a rank file was truncated under the mapping and
   // NumericalError when the logits are not finite.
   std::vector<float> forward(const std::vector<ForwardRequest>& batch);
+  // Throws what forward would throw before any compute, and computes nothing: an MPI process 0
+  // checks a step before it sends it to the others.
+  void check(const std::vector<ForwardRequest>& batch);
 
  private:
   struct RankWork {
