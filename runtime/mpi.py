@@ -3,8 +3,8 @@ ranks_per_process consecutive ranks and mapping only their rank files, so that a
 memory of its share of the model, not of all of it.
 
 Process 0 drives. The Model that load() gives it is an ordinary one whose engine first tells the
-other processes every step (one mpi4py broadcast per forward pass: the token ids), then computes
-its own part. The other processes follow those steps until process 0 closes the model, and then
+other processes every step (one broadcast per forward pass: the token ids), then computes its own
+part. The other processes follow those steps until process 0 closes the model, and then
 leave the program (load() never returns there). The all-reduces inside a forward pass are the C++
 engine's own MPI calls (runtime/src/comm_mpi.cpp), not Python's.
 
@@ -16,11 +16,15 @@ request, a full context) raises there and reaches no other process, and the run 
 """
 import atexit
 import os
+import pickle
 import signal
 import socket
 import sys
 import threading
+import time
 import weakref
+
+import numpy as np
 
 from .. import _core
 from .. import formats
@@ -148,7 +152,9 @@ class DrivingEngine:
         dropped = []
         while self._dropped:
             dropped.append(self._dropped.pop())
-        self._comm.bcast((dropped, step), root=0)
+        message = pickle.dumps((dropped, step))
+        self._comm.Ibcast(np.array([len(message)], dtype=np.int64), root=0).Wait()  # see next_step
+        self._comm.Bcast(message, root=0)
 
     def new_session(self):
         with self._lock:
@@ -216,6 +222,27 @@ class DrivingSession:
         self._driver._dropped.append(self._id)
 
 
+# A follower waiting for the next step spins this long (longer than the gap between two steps of a
+# generation, when process 0 samples), then sleeps between polls: MPI's blocking calls spin, and
+# an idle server's followers would each keep a core busy.
+SPIN_SECONDS = 0.005
+MAX_POLL_SECONDS = 0.01
+
+
+def next_step(comm):
+    """(sessions dropped, step): process 0's next message, as DrivingEngine._tell sends it."""
+    size = np.zeros(1, dtype=np.int64)
+    request = comm.Ibcast(size, root=0)
+    started = time.monotonic()
+    while not request.Test():
+        waited = time.monotonic() - started
+        if waited > SPIN_SECONDS:
+            time.sleep(min(waited / 10, MAX_POLL_SECONDS))
+    message = bytearray(int(size[0]))
+    comm.Bcast(message, root=0)
+    return pickle.loads(message)
+
+
 def follow(engine, comm, where):
     """A follower's loop: process 0's steps, in order, until it closes the model. Process 0 sends
     only steps it checked, so any failure here stops every process."""
@@ -227,7 +254,7 @@ def follow(engine, comm, where):
             signal.signal(stop, signal.SIG_IGN)
     try:
         while True:
-            dropped, step = comm.bcast(None, root=0)
+            dropped, step = next_step(comm)
             for id in dropped:
                 sessions.pop(id, None)
             op, args = step[0], step[1:]
