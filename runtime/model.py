@@ -32,7 +32,8 @@ def load(directory, threads=None, max_context=4096, verify="quick", backend="thr
     backend: "threads" computes every rank in this process; "mpi" (under mpiexec, with the
     qwen3pack[mpi] extra) computes ranks_per_process ranks in each MPI process, which maps only
     their files (`threads` is then per process). Process 0 gets the Model; the others follow it
-    until it closes the model and then exit, inside this call (see qwen3pack.runtime.mpi).
+    until it closes the model and then exit, inside this call (see qwen3pack.runtime.mpi). One
+    model per MPI run.
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")

@@ -66,9 +66,15 @@ def library_path():
     raise MpiUnavailable("mpi4py is loaded but no libmpi.so is mapped in this process")
 
 
+_loaded = False  # on process 0, once a model was loaded
+
+
 def load(directory, threads, max_context, verify_crc, ranks_per_process, make_model):
     """This process's share of the model in `directory` (see the module's docstring). On process
     0, returns make_model(engine, manifest); on the others, follows process 0 and exits."""
+    global _loaded
+    if _loaded:  # the followers left when the first model was closed
+        raise ValueError("an MPI run loads one model (backend='mpi'): this one was loaded already")
     MPI = mpi_module()
     comm = MPI.COMM_WORLD.Dup()  # the engine's own: its error handler and traffic apart from the caller's
     process, processes = comm.rank, comm.size
@@ -111,14 +117,15 @@ def load(directory, threads, max_context, verify_crc, ranks_per_process, make_mo
         engine = start()
         return {"process": process, "ranks": ranks, "pid": os.getpid(), "host": socket.gethostname()}
 
-    processes = agree(start_here)
+    places = agree(start_here)
     if process != 0:
         follow(engine, comm, where)
         sys.exit(0)
     # Which pid holds which ranks: a launcher reports a process that died by its pid.
     print("qwen3pack: " + "; ".join(f"MPI process {p['process']} (ranks {p['ranks'][0]} to {p['ranks'][-1]}) is "
-                                    f"pid {p['pid']} on {p['host']}" for p in processes), file=sys.stderr, flush=True)
-    driver = DrivingEngine(engine, comm, processes)
+                                    f"pid {p['pid']} on {p['host']}" for p in places), file=sys.stderr, flush=True)
+    _loaded = True
+    driver = DrivingEngine(engine, comm, places)
     atexit.register(_close_at_exit, weakref.ref(driver))  # before mpi4py finalizes MPI (atexit runs in reverse)
     return make_model(driver, manifest)
 

@@ -77,6 +77,10 @@ COMPARE = """
             step()
         except ValueError as error:
             refused.append(type(error).__name__)
+    try:
+        qwen3pack.load(directory, backend="mpi")
+    except ValueError as error:
+        refused.append(str(error))
     np.savez(out + "/logits.npz", full=model.logits(ids), steps=np.stack(steps),
              batch=np.concatenate(model.logits_batch([ids[:5], ids[:11]])))
     json.dump({"maps": maps, "greedy": [int(t) for t in model.generate(ids, 24, stop_token_ids=[])],
@@ -101,7 +105,8 @@ def test_logits_and_greedy_tokens_over_mpi_equal_the_threads_backend_bit_for_bit
         assert np.array_equal(over_mpi["steps"], np.stack(steps))
         assert np.array_equal(over_mpi["batch"], np.concatenate(model.logits_batch([ids[:5], ids[:11]])))
         assert report["greedy"] == [int(t) for t in model.generate(ids, 24, stop_token_ids=[])]
-    assert report["refused"] == ["ContextLengthError", "UsageError"]
+    assert report["refused"] == ["ContextLengthError", "UsageError",
+                                 "an MPI run loads one model (backend='mpi'): this one was loaded already"]
     # each process maps the files of its own ranks, and no other
     files = sorted(str(p.resolve()) for p in Path(directory).glob("*.q3p"))
     assert report["maps"] == {str(p): files[p * ranks_per_process:(p + 1) * ranks_per_process] for p in range(2)}
