@@ -290,7 +290,7 @@ void Engine::rank_forward(int rank) {
   const size_t qkv_row = (Nq + 2 * Nkv) * D;
   const float eps = static_cast<float>(model_.rms_norm_eps);
 
-  // Embedding: this rank holds vocabulary rows [rank * V, (rank + 1) * V); the others are zero
+  // Embedding: rank g holds vocabulary rows [g * V, (g + 1) * V) (g = first_rank() + rank); the others are zero
   // here, and the all-reduce assembles every token's row (adding exact zeros).
   const int64_t first_row = static_cast<int64_t>(first_rank() + rank) * static_cast<int64_t>(V);
   const size_t esize = dtype_size(wt.embed.dtype);
