@@ -27,11 +27,16 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     assert set(printed["transformers"]) == {"1", "2"}
     assert set(printed["transformers"]["1"]) == {"prefill_tok_s", "decode_tok_s"}
     assert printed["llama.cpp"] is None
+    q8 = printed["q8"]
+    assert [r["threads"] for r in q8["runs"]] == [1, 2] and all(set(r) == RUN_FIELDS for r in q8["runs"])
+    assert set(q8["over_bf16"]) == {"1", "2"} and set(q8["over_bf16"]["1"]) == {"prefill", "decode"}
+    assert set(q8["accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
+    assert 0 <= q8["accuracy"]["top1"] <= 1 and q8["accuracy"]["mean_kl"] >= 0
 
     bench.print_table(results)
     table = capsys.readouterr().out
     for line in ("read bandwidth", "FMA peak", "decode b16", "transformers (tokens/s)", "llama.cpp: not found",
-                 "convert/cp"):
+                 "convert/cp", "x bf16, ", "q8 against the f32 model"):
         assert line in table
 
 
