@@ -172,6 +172,22 @@ def test_a_q8_conversion_validates_and_quantizes_each_ranks_slice(checkpoint, q8
         assert np.array_equal(formats.gather(q8_model, name), want), name
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_q8_model_gives_the_logits_of_the_generic_kernels_with_every_instruction_set(q8_model, monkeypatch, isa):
+    # The q8 products are the same bits everywhere (above); the attention kernels of each
+    # instruction set round differently (measured: 1e-6 apart here), so the logits are compared
+    # within 1e-5, far below what a wrong block or scale gives (1e-2 and more).
+    ids = list(np.random.default_rng(3).integers(0, 389, 21))
+    monkeypatch.setenv("QWEN3PACK_ISA", "generic")
+    with runtime.load(q8_model, threads=2) as m:
+        want = m.logits(ids)
+    monkeypatch.setenv("QWEN3PACK_ISA", isa)
+    with runtime.load(q8_model, threads=2) as m:
+        got = m.logits(ids)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert np.array_equal(m.logits(ids[:7]), got[:7])  # a shorter prefill: the same bits
+
+
 def test_a_q8_conversion_is_the_same_bytes_twice(checkpoint, q8_model, tmp_path):
     convert(checkpoint, tmp_path / "again", tp=2, dtype="q8")
     for file in ("manifest.json", "rank-00000-of-00002.q3p", "rank-00001-of-00002.q3p"):

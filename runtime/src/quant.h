@@ -11,7 +11,7 @@
 //     p_j = sum of the 4 products of values [4j, 4j + 4) (an exact integer):
 //       acc[(b % 2) * 8 + j] = fma(d, float(p_j), acc[(b % 2) * 8 + j])
 //   y = acc reduced as dot_f32 does: acc[k] += acc[k + w] for w = 8, 4, 2, 1, then acc[0].
-// (16 lanes of AVX-512 hold two blocks; AVX2 keeps one accumulator per block parity.)
+// (The SIMD products keep one 8-lane accumulator per block parity: kernels_q8_tiles.inc.)
 #pragma once
 #include <cstddef>
 #include <cstdint>
