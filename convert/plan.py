@@ -4,13 +4,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats.dtypes import element_size
-from ..formats.layout import global_tensors, make_layout, rank_tensors
+from ..formats.dtypes import element_size, tensor_bytes
+from ..formats.layout import GROUPS, WEIGHT_DTYPES, global_tensors, make_layout, rank_tensors
 from ..formats.rankfile import crc_hex, plan_offsets
 from .hf_config import generation_hints, normalize_config
 from .source import SourceError, copied_files, read_json, read_tensors, source_files
 
-DTYPE_CHOICES = ("auto", "bf16", "f16", "f32")
+DTYPE_CHOICES = ("auto", *WEIGHT_DTYPES)
 KV_CACHE_DTYPE = "f32"  # the runtime keeps keys and values in f32
 MAX_CONFIG_BYTES = 1 << 20  # config.json and generation_config.json: a few kB in practice
 EMBEDDING = "model.embed_tokens.weight"
@@ -125,7 +125,7 @@ def _rank_plan(model, layout, rank):
     records = rank_tensors(model, layout, rank)
     for record in records:
         record["offset"] = 0
-        record["nbytes"] = math.prod(record["shape"]) * element_size(record["dtype"])
+        record["nbytes"] = tensor_bytes(record["dtype"], record["shape"])
         record["crc32c"] = crc_hex(0)
         # key order as SPEC.md lists them
         record["parts"] = record.pop("parts")
@@ -134,14 +134,28 @@ def _rank_plan(model, layout, rank):
     return RankPlan(header, data_offset, file_size)
 
 
-def make_plan(source_dir, tp, dtype="auto"):
+def parse_keep(text):
+    """--keep "lm_head=q8,embed=bf16" as {group: dtype}; raises SourceError naming the item."""
+    keep = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        group, equals, dtype = (s.strip() for s in item.partition("="))
+        if not equals or group not in GROUPS or dtype not in WEIGHT_DTYPES:
+            raise SourceError(f"--keep: {item!r} is not GROUP=DTYPE with a group of {', '.join(GROUPS)} "
+                              f"and a dtype of {', '.join(WEIGHT_DTYPES)}")
+        if group in keep:
+            raise SourceError(f"--keep: {group} is given twice")
+        keep[group] = dtype
+    return keep
+
+
+def make_plan(source_dir, tp, dtype="auto", keep=None):
     config_path = source_dir / "config.json"
     if not config_path.exists():
         raise SourceError(f"{source_dir}: no config.json")
     raw_config = read_json(config_path, MAX_CONFIG_BYTES)
     model = normalize_config(raw_config, source=str(config_path))
     all_sources = read_tensors(source_dir)
-    layout = make_layout(model, tp, _weights_dtype(dtype, all_sources))
+    layout = make_layout(model, tp, _weights_dtype(dtype, all_sources), keep)
     used = global_tensors(model, layout)
     _check_sources(used, all_sources)
     sources = {name: all_sources[name] for name in used}
@@ -170,7 +184,9 @@ def describe(plan, context):
         f"model       qwen3, {model['num_hidden_layers']} layers, hidden {model['hidden_size']}, "
         f"heads {model['num_attention_heads']}/{model['num_key_value_heads']} kv, head_dim {model['head_dim']}, "
         f"vocab {model['vocab_size']} (padded {layout['padded_vocab_size']})",
-        f"layout      tp={layout['world_size']}, weights {layout['dtype']}, norms f32, "
+        f"layout      tp={layout['world_size']}, weights {layout['dtype']}"
+        + "".join(f", {group} {dtype}" for group, dtype in layout.get("dtype_overrides", {}).items())
+        + ", norms f32, "
         f"{layout['heads_per_rank']} q heads and {layout['kv_heads_per_rank']} kv heads per rank"
         + (f" (each kv head on {layout['kv_head_replicas']} ranks)" if layout["kv_head_replicas"] > 1 else ""),
         f"tensors     {plan.tensor_count} in {len(plan.ranks)} rank files, from {len(plan.sources)} source tensors",

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _core
 from ..formats import reader
-from ..formats.dtypes import element_size
+from ..formats.dtypes import QUANTIZED, element_size
 from ..formats.files import open_regular, read_into
 from ..formats.layout import make_layout
 from ..formats.rankfile import VERSION, FormatError, crc_hex
@@ -25,7 +25,7 @@ from ..formats.reader import MANIFEST
 from .output import commit_atomically
 from .plan import Plan, plan_ranks
 from .source import copied_files
-from .write import CHUNK_BYTES, CONVERTER, write_model
+from .write import CHUNK_BYTES, CONVERTER, ConversionError, write_model
 
 
 def reshard(directory, output, tp, force=False):
@@ -34,7 +34,13 @@ def reshard(directory, output, tp, force=False):
     directory = Path(directory)
     converted = reader.open(directory)
     model = converted.model
-    layout = make_layout(model, tp, converted.layout["dtype"])
+    quantized = sorted({spec["dtype"] for spec in converted.manifest["tensors"].values()} & set(QUANTIZED))
+    if quantized:
+        # another tp moves the block boundaries of o_proj and down_proj: their values would be
+        # quantized a second time, from already rounded values
+        raise ConversionError(f"{directory}: its {', '.join(quantized)} weights cannot be resharded without "
+                              f"quantizing them twice; convert the checkpoint again with --tp {tp}")
+    layout = make_layout(model, tp, converted.layout["dtype"], converted.layout.get("dtype_overrides"))
     rank_paths = [rank_file.path for rank_file in converted.ranks]
     plan = Plan(directory, model, layout, converted.generation, converted.manifest["tensors"], sources={},
                 ignored=[], ranks=plan_ranks(model, layout), files=[directory / MANIFEST, *rank_paths],

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import __version__, _core
-from ..formats.dtypes import DtypeOverflow, convert, element_size, storage_dtype
+from ..formats.dtypes import QUANTIZED, DtypeOverflow, convert, quantize_q8, row_bytes, storage_dtype
 from ..formats.rankfile import VERSION, RankFileWriter, crc_hex, rank_file_name
 from ..formats.reader import MANIFEST
 from .. import schema
@@ -77,7 +77,9 @@ def _destinations(writers):
 
 
 def _write_rows(dest, rows, first_row, dtype):
-    """Writes source rows [first_row, first_row + len(rows)) where `dest` takes them."""
+    """Writes source rows [first_row, first_row + len(rows)) where `dest` takes them; rows of a
+    quantized dtype come as float32 and are quantized here, after the slice that the rank holds,
+    so that no block straddles two ranks."""
     record, part = dest.record, dest.part
     axis = part["axis"]
     if axis == 1:  # a column slice of every row: dest row i is source row i
@@ -90,15 +92,24 @@ def _write_rows(dest, rows, first_row, dtype):
             return
         block = rows[lo - first_row:hi - first_row]
         dest_row = part["at"] + lo - part["start"]
-    row_bytes = element_size(dtype) * (record["shape"][1] if len(record["shape"]) == 2 else record["shape"][0])
-    dest.writer.write(record["offset"] + dest_row * row_bytes, block)
+    if dtype == "q8":
+        block = _quantized(block, dest)
+    dest.writer.write(record["offset"] + dest_row * row_bytes(dtype, record["shape"][-1]), block)
     record["_crc"] = _core.crc32c(block, record["_crc"])
+
+
+def _quantized(values, dest):
+    try:
+        return quantize_q8(values)
+    except DtypeOverflow as error:
+        raise ConversionError(f"tensor {dest.part['source']}: {error}; convert it with --keep "
+                              f"GROUP=bf16 or f32") from None
 
 
 def _write_padding(dest):
     record, part = dest.record, dest.part
-    row_bytes = element_size(record["dtype"]) * record["shape"][1]
-    zeros = bytes(row_bytes * (part["end"] - part["start"]))  # the file already reads as zeros here
+    # the file already reads as zeros here; zero rows quantize to zero bytes (scale 0, values 0)
+    zeros = bytes(row_bytes(record["dtype"], record["shape"][1]) * (part["end"] - part["start"]))
     record["_crc"] = _core.crc32c(zeros, record["_crc"])
 
 
@@ -122,7 +133,8 @@ def _stream_tensor(source, dests, buffer, progress):
                 dtype = dest.record["dtype"]
                 if dtype not in converted:
                     try:
-                        converted[dtype] = convert(raw, source.dtype, dtype)
+                        # quantized dtypes take f32 values, quantized by _write_rows per rank slice
+                        converted[dtype] = convert(raw, source.dtype, "f32" if dtype in QUANTIZED else dtype)
                     except DtypeOverflow as error:
                         raise ConversionError(f"tensor {source.name}: {error}; convert with --dtype bf16 "
                                               f"or f32") from None

@@ -3,7 +3,6 @@
 Checks are generators of problem sentences, so that `open` can stop at the first one and
 `validate` can list them all.
 """
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _core, schema
-from .dtypes import element_size, values_dtype
+from .dtypes import dequantize_q8, tensor_bytes, values_dtype
 from .files import MAX_JSON_BYTES, open_regular, parse_json, read_into, read_json
 from .layout import LayoutError, global_tensors, make_layout, rank_tensors
 from .rankfile import (DATA_ALIGNMENT, MAGIC, PREFIX, TENSOR_ALIGNMENT, VERSION, FormatError,
@@ -36,11 +35,15 @@ class RankFile:
     file_size = property(lambda self: self.prefix.file_size)
 
     def array(self, name):
-        """A read-only memory-mapped view of one tensor's values (bf16 as ml_dtypes.bfloat16)."""
+        """A read-only memory-mapped view of one tensor's values (bf16 as ml_dtypes.bfloat16);
+        a q8 tensor's values dequantized, in a new float32 array."""
         record = self.tensors[name]
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._mmap[record["offset"]:record["offset"] + record["nbytes"]]
+        if record["dtype"] == "q8":
+            rows = record["shape"][0] if len(record["shape"]) == 2 else 1
+            return dequantize_q8(raw.reshape(rows, -1), record["shape"][-1]).reshape(record["shape"])
         return raw.view(values_dtype(record["dtype"])).reshape(record["shape"])
 
 
@@ -92,7 +95,7 @@ def _version_problems(what, major, minor):
 def _manifest_problems(what, manifest):
     model, layout = manifest["model"], manifest["layout"]
     try:
-        expected_layout = make_layout(model, layout["world_size"], layout["dtype"])
+        expected_layout = make_layout(model, layout["world_size"], layout["dtype"], layout.get("dtype_overrides"))
     except LayoutError as error:
         yield f"{what}: layout: {error}"
         return
@@ -200,7 +203,7 @@ def _record_problems(rank_file, model, layout, rank):
             for key in ("dtype", "shape", "parts"):
                 if record[key] != want[key]:
                     yield f"{what}: tensor {name}: {key} {record[key]} differs from the layout's {want[key]}"
-        if record["dtype"] in ("bf16", "f16", "f32") and nbytes != math.prod(record["shape"]) * element_size(record["dtype"]):
+        if nbytes != tensor_bytes(record["dtype"], record["shape"]):
             yield f"{what}: tensor {name}: nbytes {nbytes} does not match shape {record['shape']} of {record['dtype']}"
         if offset % TENSOR_ALIGNMENT:
             yield f"{what}: tensor {name}: offset {offset} is not a multiple of {TENSOR_ALIGNMENT}"
@@ -282,7 +285,8 @@ def open(directory, ranks=None):
 
 def gather(directory, name):
     """The global Hugging Face tensor `name`, rebuilt from the slices that the ranks hold (in the
-    stored dtype: bf16 as ml_dtypes.bfloat16, numpy's bf16). Copies of replicated slices must agree."""
+    stored dtype: bf16 as ml_dtypes.bfloat16, numpy's bf16; q8 dequantized to float32, each
+    rank's blocks without their padding). Copies of replicated slices must agree."""
     converted = directory if isinstance(directory, ConvertedModel) else open(directory)
     if name not in converted.manifest["tensors"]:
         raise KeyError(f"{converted.path}: no tensor {name}")

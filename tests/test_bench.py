@@ -33,11 +33,17 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
         assert set(printed["mpi"]) == {"processes", "tp", "decode_tok_s", "threads_decode_tok_s", "all_reduce_floats",
                                        "all_reduce_s", "threads_all_reduce_s"}
         assert printed["mpi"]["decode_tok_s"] > 0 and printed["mpi"]["all_reduce_s"] > 0
+    q8 = printed["q8"]
+    assert [r["threads"] for r in q8["runs"]] == [1, 2] and all(set(r) == RUN_FIELDS for r in q8["runs"])
+    assert set(q8["over_bf16"]) == {"1", "2"} and set(q8["over_bf16"]["1"]) == {"prefill", "decode"}
+    assert set(q8["accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
+    assert 0 <= q8["accuracy"]["top1"] <= 1 and q8["accuracy"]["mean_kl"] >= 0
 
     bench.print_table(results)
     table = capsys.readouterr().out
     for line in ("read bandwidth", "FMA peak", "decode b16", "transformers (tokens/s)", "llama.cpp: not found",
-                 "convert/cp", "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):
+                 "convert/cp", "x bf16, ", "q8 against the f32 model",
+                 "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):
         assert line in table
 
 

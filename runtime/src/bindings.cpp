@@ -19,6 +19,7 @@
 #include "engine.h"
 #include "fs_ops.h"
 #include "kernels.h"
+#include "quant.h"
 #include "sampling.h"
 
 namespace nb = nanobind;
@@ -208,6 +209,20 @@ q3p::Layout parse_layout(nb::dict d) {
   l.kv_head_replicas = i("kv_head_replicas");
   l.intermediate_per_rank = i("intermediate_per_rank");
   l.vocab_rows_per_rank = i("vocab_rows_per_rank");
+  PyObject* overrides = PyDict_GetItemString(d.ptr(), "dtype_overrides");  // borrowed; format 1.1, optional
+  if (overrides) {
+    nb::dict groups = as_dict(nb::handle(overrides), w + ".dtype_overrides");
+    for (auto item : groups) {
+      const std::string group = as_str(item.first, w + ".dtype_overrides key");
+      const std::string name = as_str(item.second, w + ".dtype_overrides." + group);
+      if (group != "embed" && group != "lm_head" && group != "qkv" && group != "o_proj" && group != "gate_up" &&
+          group != "down")
+        throw q3p::FormatError(w + ": dtype_overrides: '" + group + "' is not a group of weights");
+      q3p::DType dt;
+      if (!q3p::parse_dtype(name, &dt)) throw q3p::FormatError(w + ": dtype_overrides." + group + ": dtype '" + name + "' is not supported");
+      l.dtype_overrides[group] = dt;
+    }
+  }
   return l;
 }
 
@@ -252,10 +267,11 @@ using FloatArray = nb::ndarray<nb::numpy, float>;
 
 std::vector<int32_t> ids_of(const IdArray& a) { return std::vector<int32_t>(a.data(), a.data() + a.shape(0)); }
 
-FloatArray make_array(std::vector<float>&& v, std::vector<size_t> shape) {
-  auto* heap = new std::vector<float>(std::move(v));
-  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
-  return FloatArray(heap->data(), shape.size(), shape.data(), owner);
+template <class T>
+nb::ndarray<nb::numpy, T> make_array(std::vector<T>&& v, std::vector<size_t> shape) {
+  auto* heap = new std::vector<T>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T>(heap->data(), shape.size(), shape.data(), owner);
 }
 
 // ---- Objects ----
@@ -331,16 +347,32 @@ std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::
 }
 
 // y = x W^T with one instruction set's kernel, as the engine runs it (for the kernel tests).
-// W holds the raw values of dtype `dtype` (f32, or the 16-bit patterns of bf16/f16).
+// W holds the raw values of dtype `dtype` (f32, or the 16-bit patterns of bf16/f16), or for q8
+// the bytes of its rows of blocks, [out, row bytes] (x is then quantized as the engine does).
 FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
                            nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> w, const std::string& dtype,
                            const std::string& isa) {
   q3p::DType dt;
   if (!q3p::parse_dtype(dtype, &dt)) throw q3p::UsageError("unknown dtype " + dtype);
   const size_t n = x.shape(0), in = x.shape(1), out = w.shape(0);
-  if (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt))
+  const bool q8 = dt == q3p::DType::Q8;
+  if (q8 ? w.shape(1) * w.itemsize() != q3p::row_bytes(dt, in) : (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt)))
     throw q3p::UsageError("w must be [out, in] of " + dtype + " values");
   const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
+  if (q8) {
+    std::vector<q3p::BlockQ8Act> xq(n * q3p::q8_blocks(in));
+    for (size_t t = 0; t < n; ++t) q3p::quantize_row_q8(x.data() + t * in, in, xq.data() + t * q3p::q8_blocks(in));
+    std::vector<float> y(n * out);
+    q3p::MatmulQ8Args a;
+    a.x = xq.data();
+    a.n = n;
+    a.in = in;
+    a.out = out;
+    a.w = static_cast<const q3p::BlockQ8*>(w.data());
+    a.y = y.data();
+    kernel.matmul_q8(a, 0, out);
+    return make_array(std::move(y), {n, out});
+  }
   q3p::MatmulArgs a;
   a.x = x.data();
   a.n = n;
@@ -411,7 +443,20 @@ NB_MODULE(_core, m) {
         "Median seconds of an all-reduce of n floats: over MPI (mpi_library: the loaded libmpi; mpi_comm: a "
         "communicator whose every process calls this) or between `ranks` threads through shared memory.");
   m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a,
-        "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns).");
+        "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8 "
+        "rows of blocks as bytes [out, row bytes]).");
+  m.def("quantize_q8", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
+          const size_t n = x.shape(0);
+          std::vector<q3p::BlockQ8Act> blocks(q3p::q8_blocks(n));
+          q3p::quantize_row_q8(x.data(), n, blocks.data());
+          std::vector<float> d;
+          std::vector<int8_t> q;
+          for (const q3p::BlockQ8Act& b : blocks) {
+            d.push_back(b.d);
+            q.insert(q.end(), b.q, b.q + q3p::kQ8Block);
+          }
+          return nb::make_tuple(make_array(std::move(d), {blocks.size()}), make_array(std::move(q), {blocks.size(), q3p::kQ8Block}));
+        }, "x"_a, "The scales and int8 values of the runtime's activation quantizer (for the tests).");
 
   nb::exception<q3p::FormatError>(m, "FormatError", PyExc_ValueError);
   nb::exception<q3p::UsageError>(m, "UsageError", PyExc_ValueError);

@@ -32,19 +32,28 @@ struct ClosedError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2 };
+// Q8: blocks of 32 values along a row, each an f16 scale and 32 int8 values (quant.h).
+enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3 };
 
+// The element size of a plain dtype (not of Q8: see row_bytes).
 inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
 inline const char* dtype_name(DType t) {
-  return t == DType::F32 ? "f32" : (t == DType::F16 ? "f16" : "bf16");
+  return t == DType::F32 ? "f32" : (t == DType::F16 ? "f16" : (t == DType::BF16 ? "bf16" : "q8"));
 }
 // Returns false for an unknown name.
 inline bool parse_dtype(const std::string& s, DType* out) {
   if (s == "f32") *out = DType::F32;
   else if (s == "f16") *out = DType::F16;
   else if (s == "bf16") *out = DType::BF16;
+  else if (s == "q8") *out = DType::Q8;
   else return false;
   return true;
+}
+
+// Bytes of one stored row of `cols` values: Q8 rows are whole blocks of 32 (34 bytes each), the
+// last one padded with zeros. cols <= 2^32, as the loader checks, so nothing overflows.
+inline uint64_t row_bytes(DType t, uint64_t cols) {
+  return t == DType::Q8 ? (cols + 31) / 32 * 34 : cols * dtype_size(t);
 }
 
 // Overflow-checked unsigned arithmetic: false when the result does not fit.

@@ -220,6 +220,7 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.sel.resize(S * H);
     w.logits.resize(S * V);
     w.scores.resize(T * (Nq / Nkv) * static_cast<size_t>(max_keys));
+    w.xq.resize(N * q8_blocks(std::max({H, Nq * D, I})));
   }
   if (holds_logits) gathered_.resize(W * S * V);
   comm_->reserve(std::max(N * H, S * V));
@@ -274,8 +275,28 @@ void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, flo
   a.w = w.data;
   a.dt = w.dtype;
   a.y = y;
+  if (w.dtype == DType::Q8) {
+    matmul_q8(rank, a);
+    return;
+  }
   // Each thread computes a contiguous range of rows: it streams its own part of W.
   parallel_for(pool, a.out, [&](int, size_t b, size_t e) { kernels_.matmul(a, b, e); });
+}
+
+// The activations are quantized once (a small cost next to the product: n * in values against
+// in * out weights), then each thread computes its range of rows with integer dot products.
+void Engine::matmul_q8(int rank, const MatmulArgs& a) {
+  BlockQ8Act* xq = work_[static_cast<size_t>(rank)].xq.data();
+  const size_t blocks = q8_blocks(a.in);
+  for (size_t t = 0; t < a.n; ++t) quantize_row_q8(a.x + t * a.in, a.in, xq + t * blocks);
+  MatmulQ8Args q;
+  q.x = xq;
+  q.n = a.n;
+  q.in = a.in;
+  q.out = a.out;
+  q.w = static_cast<const BlockQ8*>(a.w);
+  q.y = a.y;
+  parallel_for(*pools_[static_cast<size_t>(rank)], a.out, [&](int, size_t b, size_t e) { kernels_.matmul_q8(q, b, e); });
 }
 
 void Engine::rank_forward(int rank) {
@@ -293,12 +314,12 @@ void Engine::rank_forward(int rank) {
   // Embedding: rank g holds vocabulary rows [g * V, (g + 1) * V) (g = first_rank() + rank); the others are zero
   // here, and the all-reduce assembles every token's row (adding exact zeros).
   const int64_t first_row = static_cast<int64_t>(first_rank() + rank) * static_cast<int64_t>(V);
-  const size_t esize = dtype_size(wt.embed.dtype);
+  const size_t embed_row = row_bytes(wt.embed.dtype, H);  // a q8 row is dequantized on lookup
   parallel_for(pool, N, [&](int, size_t b, size_t e) {
     for (size_t t = b; t < e; ++t) {
       const int64_t local = tok_ids_[t] - first_row;
       if (local >= 0 && local < static_cast<int64_t>(V))
-        to_f32(static_cast<const uint8_t*>(wt.embed.data) + static_cast<size_t>(local) * H * esize, wt.embed.dtype,
+        to_f32(static_cast<const uint8_t*>(wt.embed.data) + static_cast<size_t>(local) * embed_row, wt.embed.dtype,
                w.x.data() + t * H, H);
       else
         std::fill_n(w.x.data() + t * H, H, 0.0f);

@@ -15,6 +15,7 @@
 #include "kv_cache.h"
 #include "mapped_file.h"
 #include "model_config.h"
+#include "quant.h"
 #include "thread_pool.h"
 #include "weights.h"
 
@@ -92,6 +93,7 @@ class Engine {
   struct RankWork {
     std::vector<float> x, xn, qkv, attn, proj, gate_up, act, sel, logits;
     std::vector<float> scores;   // pool threads x query heads per KV head x the most keys of one query
+    std::vector<BlockQ8Act> xq;  // the activations of a product on q8 weights, quantized
   };
   struct Seq {  // one request during a forward
     KVCache* cache;
@@ -105,6 +107,7 @@ class Engine {
   // `rank` in the functions below indexes this process's ranks (0 is first_rank()).
   void rank_forward(int rank);
   void matmul(int rank, const float* x, size_t n, const TensorView& w, float* y);
+  void matmul_q8(int rank, const MatmulArgs& a);
   void attention(int rank, int64_t layer);
   void attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_head, float* scores);
   void store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_begin, int64_t kv_end);

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "kernels_isa.h"
+#include "quant.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -56,6 +57,8 @@ void to_f32(const void* src, DType dt, float* dst, size_t n) {
   } else if (dt == DType::BF16) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+  } else if (dt == DType::Q8) {
+    dequantize_row_q8(static_cast<const BlockQ8*>(src), dst, n);
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     size_t i = 0;
@@ -146,12 +149,18 @@ bool isa_supported(Isa isa) {
 }
 
 namespace {
-Kernels kernel_for(Isa isa) {
+Kernels matrix_kernels_for(Isa isa) {
 #if defined(__x86_64__)
   if (isa == Isa::Avx512) return {isa, matmul_avx512, attention_scores_avx512, attention_values_avx512};
   if (isa == Isa::Avx2) return {isa, matmul_avx2, attention_scores_generic, attention_values_generic};
 #endif
   return {Isa::Generic, matmul_generic, attention_scores_generic, attention_values_generic};
+}
+
+Kernels kernel_for(Isa isa) {
+  Kernels k = matrix_kernels_for(isa);
+  k.matmul_q8 = matmul_q8_for(k.isa);
+  return k;
 }
 }  // namespace
 

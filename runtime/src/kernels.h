@@ -8,7 +8,7 @@
 
 namespace q3p {
 
-// dst[i] = src[i] as f32, for n elements of dtype `dt`.
+// dst[i] = src[i] as f32, for n elements of dtype `dt` (Q8: the first n values of a row of blocks).
 void to_f32(const void* src, DType dt, float* dst, size_t n);
 
 // sum_i a[i] * b[i], with 16 partial sums in a fixed order.
@@ -23,6 +23,8 @@ struct MatmulArgs {
   DType dt = DType::F32;
   float* y = nullptr;
 };
+
+struct MatmulQ8Args;  // quant.h
 
 // The instruction sets with matrix kernels, from the most portable.
 enum class Isa { Generic, Avx2, Avx512 };
@@ -42,6 +44,9 @@ struct Kernels {
                            float* scores, size_t lds);
   void (*attention_values)(const float* p, size_t lds, size_t G, const float* v, size_t ld, size_t nk, size_t D,
                            float* out);
+  // The rows [o0, o1) of a product on q8 weights (quant.h).
+  using MatmulQ8 = void (*)(const MatmulQ8Args& a, size_t o0, size_t o1);
+  MatmulQ8 matmul_q8 = nullptr;
 };
 
 // The kernels named by `forced` (QWEN3PACK_ISA: "avx512", "avx2" or "generic") or, when

@@ -1,6 +1,7 @@
 // The model object of formats/SPEC.md as plain numbers, and the per-rank layout derived from it.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,12 @@ struct Layout {
   int64_t kv_head_replicas = 1;
   int64_t intermediate_per_rank = 0;  // I
   int64_t vocab_rows_per_rank = 0;    // V
+  // Groups of weight matrices (embed, lm_head, qkv, o_proj, gate_up, down) stored in another dtype.
+  std::map<std::string, DType> dtype_overrides;
+  DType group_dtype(const std::string& group) const {
+    auto it = dtype_overrides.find(group);
+    return it == dtype_overrides.end() ? dtype : it->second;
+  }
 };
 
 // Checks the model's numbers (positive sizes, heads divisible, ...); throws FormatError.

@@ -37,23 +37,22 @@ RankWeights bind_rank_weights(const MappedFile& file, uint64_t data_offset,
   const int64_t H = m.hidden_size, D = m.head_dim;
   const int64_t Nq = l.heads_per_rank, Nkv = l.kv_heads_per_rank, I = l.intermediate_per_rank;
   const int64_t V = l.vocab_rows_per_rank;
-  const DType wt = l.dtype;
 
   std::map<std::string, Expected> expected;
-  expected["model.embed_tokens.weight"] = {{V, H}, wt, &w.embed};
-  if (!m.tie_word_embeddings) expected["lm_head.weight"] = {{V, H}, wt, &w.lm_head};
+  expected["model.embed_tokens.weight"] = {{V, H}, l.group_dtype("embed"), &w.embed};
+  if (!m.tie_word_embeddings) expected["lm_head.weight"] = {{V, H}, l.group_dtype("lm_head"), &w.lm_head};
   expected["model.norm.weight"] = {{H}, DType::F32, &w.final_norm};
   for (int64_t i = 0; i < m.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     LayerWeights& L = w.layers[static_cast<size_t>(i)];
     expected[p + "input_layernorm.weight"] = {{H}, DType::F32, &L.input_norm};
-    expected[p + "self_attn.qkv_proj.weight"] = {{(Nq + 2 * Nkv) * D, H}, wt, &L.qkv};
+    expected[p + "self_attn.qkv_proj.weight"] = {{(Nq + 2 * Nkv) * D, H}, l.group_dtype("qkv"), &L.qkv};
     expected[p + "self_attn.q_norm.weight"] = {{D}, DType::F32, &L.q_norm};
     expected[p + "self_attn.k_norm.weight"] = {{D}, DType::F32, &L.k_norm};
-    expected[p + "self_attn.o_proj.weight"] = {{H, Nq * D}, wt, &L.o_proj};
+    expected[p + "self_attn.o_proj.weight"] = {{H, Nq * D}, l.group_dtype("o_proj"), &L.o_proj};
     expected[p + "post_attention_layernorm.weight"] = {{H}, DType::F32, &L.post_norm};
-    expected[p + "mlp.gate_up_proj.weight"] = {{2 * I, H}, wt, &L.gate_up};
-    expected[p + "mlp.down_proj.weight"] = {{H, I}, wt, &L.down};
+    expected[p + "mlp.gate_up_proj.weight"] = {{2 * I, H}, l.group_dtype("gate_up"), &L.gate_up};
+    expected[p + "mlp.down_proj.weight"] = {{H, I}, l.group_dtype("down"), &L.down};
   }
 
   // 1. Each record on its own: dtype, shape, nbytes, alignment, bounds.
@@ -63,15 +62,16 @@ RankWeights bind_rank_weights(const MappedFile& file, uint64_t data_offset,
     DType dt;
     if (!parse_dtype(r.dtype, &dt)) fail(r.name, "unknown dtype '" + r.dtype + "'");
     if (r.shape.empty() || r.shape.size() > 2) fail(r.name, "shape " + shape_str(r.shape) + " must have 1 or 2 axes");
-    uint64_t count = 1;
     for (int64_t d : r.shape) {
       if (d <= 0) fail(r.name, "shape " + shape_str(r.shape) + " has an axis <= 0");
-      if (!checked_mul(count, static_cast<uint64_t>(d), &count)) fail(r.name, "shape " + shape_str(r.shape) + " overflows");
+      if (d > (int64_t(1) << 32)) fail(r.name, "shape " + shape_str(r.shape) + " overflows (an axis above 2^32)");
     }
+    // A row of `cols` values (q8: whole blocks), times the rows: no overflow, each axis <= 2^32.
+    const uint64_t rows = r.shape.size() == 2 ? static_cast<uint64_t>(r.shape[0]) : 1;
     uint64_t want_bytes;
-    if (!checked_mul(count, dtype_size(dt), &want_bytes) || want_bytes != r.nbytes)
-      fail(r.name, "nbytes " + std::to_string(r.nbytes) + " differs from shape " + shape_str(r.shape) +
-                       " x " + std::to_string(dtype_size(dt)) + " bytes");
+    if (!checked_mul(rows, row_bytes(dt, static_cast<uint64_t>(r.shape.back())), &want_bytes) || want_bytes != r.nbytes)
+      fail(r.name, "nbytes " + std::to_string(r.nbytes) + " differs from shape " + shape_str(r.shape) + " of " +
+                       dtype_name(dt) + " (" + std::to_string(want_bytes) + " bytes)");
     if (r.offset % 64 != 0) fail(r.name, "offset " + std::to_string(r.offset) + " is not a multiple of 64");
     if (r.offset < data_offset)
       fail(r.name, "offset " + std::to_string(r.offset) + " lies before the data section (" +

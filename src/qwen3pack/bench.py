@@ -18,6 +18,12 @@ tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank):
   tokens/s at batch 1 against tp 2 with 2 threads in one process, and the latency of one
   all-reduce of a decode step's hidden vector over MPI and between threads (two per layer);
   otherwise "MPI: not installed".
+- q8 weights (tp 1, 1 and 2 threads): the same figures, measured in the same rounds as bf16, as
+  ratios over bf16; and their accuracy against the f32 model on the same checkpoint and prompts
+  (the bf16 conversion: the runtime computes in f32 and holds the bf16 weights exactly): mean KL
+  divergence of the next-token distributions, top-1 agreement, largest logit error. The random
+  checkpoint is drawn trained-like (testing.make_checkpoint: outlier columns, logits of a
+  trained model's spread).
 Every figure is the median of --repeats runs, interleaved over the configurations. --json prints
 the results as JSON instead of the table; --quick runs everything on a tiny model in seconds
 (the test suite does, to keep this script working; its numbers mean nothing).
@@ -38,20 +44,23 @@ import numpy as np
 from . import formats
 from .convert import convert
 from .formats import validate
-from .testing import make_checkpoint
+from .testing import logit_agreement, make_checkpoint
 
 SIZES = {"0.6b": "Qwen3-0.6B.json", "1.7b": "Qwen3-1.7B.json"}
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps")
 RUNS = [(1, 1), (1, 2), (2, 2)]  # (tp, threads)
+Q8_THREADS = (1, 2)  # q8 at tp 1
 BATCHES = (1, 4, 16)
 
 
 def plan(quick):
     """Sizes of the measurements: the issue's, or tiny ones for --quick."""
     if quick:
-        return dict(prompt=16, prefill=24, decode=4, bandwidth_bytes=1 << 24, fma_seconds=0.01)
-    return dict(prompt=16, prefill=512, decode=128, bandwidth_bytes=1 << 30, fma_seconds=0.2)
+        return dict(prompt=16, prefill=24, decode=4, bandwidth_bytes=1 << 24, fma_seconds=0.01,
+                    accuracy_prompts=2, accuracy_tokens=8)
+    return dict(prompt=16, prefill=512, decode=128, bandwidth_bytes=1 << 30, fma_seconds=0.2,
+                accuracy_prompts=8, accuracy_tokens=64)
 
 
 def model_shape(size, configs_dir, quick):
@@ -75,14 +84,14 @@ def seconds(run):
 # The runtime
 
 
-def bench_runtime(converted, tp, threads, p, rng):
-    """One measurement of every runtime figure for (tp, threads)."""
+def bench_runtime(directory, threads, p, rng):
+    """One measurement of every runtime figure for the converted model in `directory`."""
     from . import load
-    vocab = formats.open(converted[tp]).model["vocab_size"]
+    vocab = formats.open(directory).model["vocab_size"]
     ids = rng.integers(0, vocab, p["prefill"]).tolist()
     context = p["prefill"] + p["decode"] + 1
     started = time.perf_counter()
-    model = load(converted[tp], threads=threads, max_context=context)
+    model = load(directory, threads=threads, max_context=context)
     load_s = time.perf_counter() - started
     with model:
         next(iter(model.generate(ids[:p["prompt"]], max_new_tokens=1, stop_token_ids=[])))
@@ -96,6 +105,30 @@ def bench_runtime(converted, tp, threads, p, rng):
             decode_s = seconds(lambda: [model.append_batch(sessions, [step] * batch) for step in steps])
             decode[batch] = batch * p["decode"] / decode_s
     return dict(load_s=load_s, ttft_s=ttft_s, prefill_tok_s=p["prefill"] / prefill_s, decode_tok_s=decode)
+
+
+def accuracy(reference, quantized, p):
+    """logit_agreement of `quantized` with `reference` over every position of random prompts."""
+    from . import load
+    vocab = formats.open(reference).model["vocab_size"]
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, vocab, p["accuracy_tokens"]).tolist() for _ in range(p["accuracy_prompts"])]
+
+    def logits(directory):
+        with load(directory, threads=os.cpu_count() or 1, max_context=p["accuracy_tokens"]) as model:
+            return np.concatenate([model.logits(prompt) for prompt in prompts])
+
+    return dict(prompts=len(prompts), tokens=p["accuracy_tokens"], **logit_agreement(logits(reference), logits(quantized)))
+
+
+def summarize(tp, threads, got, weight_bytes, bandwidth, flops_per_token, peak):
+    """The medians of one configuration's measurements, and their shares of the rooflines."""
+    decode = {b: median([g["decode_tok_s"][b] for g in got]) for b in BATCHES}
+    prefill = median([g["prefill_tok_s"] for g in got])
+    return dict(tp=tp, threads=threads, load_s=median([g["load_s"] for g in got]),
+                ttft_s=median([g["ttft_s"] for g in got]), prefill_tok_s=prefill, decode_tok_s=decode,
+                decode_of_roofline=decode[1] * weight_bytes / bandwidth[threads],
+                prefill_of_fma_peak=prefill * flops_per_token / peak[threads])
 
 
 def matrix_weights(config):
@@ -250,7 +283,8 @@ def run(args):
             source = Path(args.checkpoint)
         else:
             log(args, f"making a random bf16 checkpoint with the shapes of Qwen3-{args.size.upper()} ...")
-            source = make_checkpoint(work / "source", dtype="bf16", tie=shape.pop("tie_word_embeddings"), **shape)
+            source = make_checkpoint(work / "source", dtype="bf16", tie=shape.pop("tie_word_embeddings"),
+                                     trained_like=True, **shape)
         config = json.loads((source / "config.json").read_text())
         log(args, "converting ...")
         converted = {}
@@ -258,19 +292,25 @@ def run(args):
         converted[1] = work / "tp1"
         convert(source, converted[1], tp=1)
         weight_bytes = sum(r.file_size for r in formats.open(converted[1]).ranks)
+        q8_dir = work / "q8"
+        convert(source, q8_dir, tp=1, dtype="q8")
+        q8_bytes = sum(r.file_size for r in formats.open(q8_dir).ranks)
         gguf = llama_cpp_gguf(source, work)
 
         isa = _core.supported_isas()[-1] if not os.environ.get("QWEN3PACK_ISA") else os.environ["QWEN3PACK_ISA"]
         threads_used = sorted({t for _, t in RUNS})
         peak = {t: t * _core.fma_peak_flops(isa, p["fma_seconds"]) for t in threads_used}
         samples = {run: [] for run in RUNS}
+        q8_samples = {t: [] for t in Q8_THREADS}
         baselines = {name: {t: [] for t in threads_used} for name in ("transformers", "llama.cpp")}
         bandwidth = {t: [] for t in threads_used}
         over_mpi, all_reduce_threads = [], []
         for repeat in range(args.repeats):
             log(args, f"round {repeat + 1} of {args.repeats} ...")
             for tp, threads in RUNS:
-                samples[(tp, threads)].append(bench_runtime(converted, tp, threads, p, rng))
+                samples[(tp, threads)].append(bench_runtime(converted[tp], threads, p, rng))
+                if tp == 1:  # q8 right after bf16 at the same threads: the same load on the machine
+                    q8_samples[threads].append(bench_runtime(q8_dir, threads, p, rng))
             for t in threads_used:
                 bandwidth[t].append(memory_bandwidth(t, p["bandwidth_bytes"]))
                 if not args.no_transformers:
@@ -283,15 +323,19 @@ def run(args):
 
         bandwidth = {t: max(v) for t, v in bandwidth.items()}
         flops_per_token = 2 * matrix_weights(config)
-        runs = []
-        for (tp, threads), got in samples.items():
-            decode = {b: median([g["decode_tok_s"][b] for g in got]) for b in BATCHES}
-            prefill = median([g["prefill_tok_s"] for g in got])
-            runs.append(dict(
-                tp=tp, threads=threads, load_s=median([g["load_s"] for g in got]),
-                ttft_s=median([g["ttft_s"] for g in got]), prefill_tok_s=prefill, decode_tok_s=decode,
-                decode_of_roofline=decode[1] * weight_bytes / bandwidth[threads],
-                prefill_of_fma_peak=prefill * flops_per_token / peak[threads]))
+        runs = [summarize(tp, threads, got, weight_bytes, bandwidth, flops_per_token, peak)
+                for (tp, threads), got in samples.items()]
+        q8_runs = [summarize(1, threads, got, q8_bytes, bandwidth, flops_per_token, peak)
+                   for threads, got in q8_samples.items()]
+        # per round, q8 over the bf16 run just before it, then the median of those ratios
+        q8_over_bf16 = {t: dict(prefill=median([q["prefill_tok_s"] / b["prefill_tok_s"]
+                                                for q, b in zip(q8_samples[t], samples[(1, t)])]),
+                                decode=median([q["decode_tok_s"][1] / b["decode_tok_s"][1]
+                                               for q, b in zip(q8_samples[t], samples[(1, t)])]))
+                        for t in Q8_THREADS}
+        log(args, "q8 accuracy against the f32 model ...")
+        q8 = dict(weight_bytes=q8_bytes, runs=q8_runs, over_bf16=q8_over_bf16,
+                  accuracy=accuracy(converted[1], q8_dir, p))
         baseline_results = {}
         for name, by_threads in baselines.items():
             results = {}
@@ -311,7 +355,7 @@ def run(args):
             model=dict(size="tiny (--quick)" if args.quick else args.size, layers=config["num_hidden_layers"],
                        weight_bytes=weight_bytes, flops_per_token=flops_per_token),
             machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak, read_bandwidth_bytes_s=bandwidth),
-            sizes=p, repeats=args.repeats, runs=runs, conversion=conversion, mpi=mpi, **baseline_results)
+            sizes=p, repeats=args.repeats, runs=runs, q8=q8, conversion=conversion, mpi=mpi, **baseline_results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -359,6 +403,17 @@ def print_table(r):
               f"{mpi['all_reduce_floats']} floats {mpi['all_reduce_s'] * 1e6:.1f} us over MPI, "
               f"{mpi['threads_all_reduce_s'] * 1e6:.1f} us between threads (2 per layer: "
               f"{2 * mpi['all_reduce_s'] * 1e6:.1f} us and {2 * mpi['threads_all_reduce_s'] * 1e6:.1f} us)")
+    q8 = r["q8"]
+    print(f"\nq8 weights at tp 1 ({q8['weight_bytes'] / 1e9:.2f} GB; tokens/s, and the median over rounds of q8 / bf16 "
+          f"measured one after the other)")
+    for x in q8["runs"]:
+        ratios = q8["over_bf16"][x["threads"]]
+        print(f"  {x['threads']} thread(s): prefill {x['prefill_tok_s']:.1f} ({ratios['prefill']:.2f}x bf16), "
+              f"decode b1 {x['decode_tok_s'][1]:.1f} ({ratios['decode']:.2f}x bf16, {x['decode_of_roofline']:.0%} of BW), "
+              f"b16 {x['decode_tok_s'][16]:.1f}")
+    a = q8["accuracy"]
+    print(f"q8 against the f32 model, {a['prompts']} prompts of {a['tokens']} tokens: mean KL {a['mean_kl']:.2e}, "
+          f"top-1 agreement {a['top1']:.1%}, largest logit error {a['max_logit_error']:.3f}")
     c = r["conversion"]
     print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s; cp + sync {c['cp_sync_s']:.2f} s; "
           f"convert/cp {c['convert_over_cp']:.2f} (target <= 1.5); validate {c['validate_gb_s']:.2f} GB/s")

@@ -34,26 +34,30 @@ def main():
 @click.argument("output", type=click.Path(), required=False)
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tensor-parallel world size: one rank file per rank.")
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "f16", "f32"]), default="auto", show_default=True,
-              help="Weights' dtype; auto keeps the checkpoint's. Norms are always f32.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "f16", "f32", "q8"]), default="auto", show_default=True,
+              help="Weights' dtype; auto keeps the checkpoint's; q8: int8 blocks of 32 with an f16 scale. "
+                   "Norms are always f32.")
+@click.option("--keep", default="", metavar="GROUP=DTYPE,...",
+              help="Another dtype for groups of weights (embed, lm_head, qkv, o_proj, gate_up, down), "
+                   "e.g. --dtype q8 --keep embed=bf16.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (file sizes, memory per rank) and write nothing.")
 @click.option("--context", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Context length for the dry run's KV-cache estimate.")
 @click.option("--force", is_flag=True,
               help="Replace OUTPUT if it is a directory that qwen3pack wrote (never the source, a symlink or a file).")
-def convert_command(source, output, tp, dtype, dry_run, context, force):
+def convert_command(source, output, tp, dtype, keep, dry_run, context, force):
     """Convert SOURCE (a local checkpoint directory or a hub id) into OUTPUT."""
     from . import convert
     from .convert.interrupts import conversion_signals
     with _reporting(output):
         if dry_run:
-            click.echo(convert.dry_run(source, tp, dtype, context))
+            click.echo(convert.dry_run(source, tp, dtype, context, keep))
             return
         if output is None:
             raise click.UsageError("OUTPUT is required unless --dry-run")
         # SIGINT and SIGTERM are handled until the report is out, so that what it says is true.
         with conversion_signals():
-            plan = convert.convert(source, output, tp=tp, dtype=dtype, force=force)
+            plan = convert.convert(source, output, tp=tp, dtype=dtype, force=force, keep=keep)
             _report_written(output, plan)
 
 
@@ -144,7 +148,8 @@ def summary(converted):
         "layer types  " + ", ".join(f"{n} {k}" for k, n in kinds.items())
         + (f" (window {m['sliding_window']})" if "sliding_attention" in kinds else ""),
         f"embeddings   {'tied' if m['tie_word_embeddings'] else 'untied'}",
-        f"layout       tp {layout['world_size']}, {layout['dtype']} weights, "
+        f"layout       tp {layout['world_size']}, {layout['dtype']} weights"
+        + "".join(f", {group} {dtype}" for group, dtype in layout.get("dtype_overrides", {}).items()) + ", "
         f"{layout['kv_heads_per_rank']} kv heads per rank"
         + (f" (replicated on {layout['kv_head_replicas']} ranks)" if layout["kv_head_replicas"] > 1 else ""),
         f"format       {manifest['format_version'][0]}.{manifest['format_version'][1]}, conversion {manifest['conversion_id']}",

@@ -137,19 +137,27 @@ DEFAULT_CONFIG = {
 }
 
 
-def _weights(config, rng, tie):
-    """Random weights scaled so that activations stay of order 1 and logits of order 1 to 10."""
+def _weights(config, rng, tie, trained_like=False):
+    """Random weights scaled so that activations stay of order 1 and logits of order 1 to 10.
+    `trained_like` draws them more like a trained model's: in every matrix 1% of the input
+    columns (at least one) are 8 times larger, as trained models have a few large input channels
+    (they set the scale of their quantization blocks), and the embedding is 0.15 instead of 0.5
+    (logits of standard deviation about 2.5 rather than 8, as a trained model's)."""
     h, inter = config["hidden_size"], config["intermediate_size"]
+    embedding_scale = np.float32(0.15 if trained_like else 0.5)
     d = config["head_dim"]
     q_rows, kv_rows = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
 
     def matrix(rows, cols):
-        return rng.standard_normal((rows, cols), dtype=np.float32) / np.float32(np.sqrt(cols))
+        w = rng.standard_normal((rows, cols), dtype=np.float32) / np.float32(np.sqrt(cols))
+        if trained_like:
+            w[:, rng.choice(cols, max(1, cols // 100), replace=False)] *= np.float32(8)
+        return w
 
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
 
-    tensors = {"model.embed_tokens.weight": rng.standard_normal((config["vocab_size"], h), dtype=np.float32) * np.float32(0.5)}
+    tensors = {"model.embed_tokens.weight": rng.standard_normal((config["vocab_size"], h), dtype=np.float32) * embedding_scale}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
         tensors.update({
@@ -167,7 +175,7 @@ def _weights(config, rng, tie):
         })
     tensors["model.norm.weight"] = norm(h)
     if not tie:
-        tensors["lm_head.weight"] = rng.standard_normal((config["vocab_size"], h), dtype=np.float32) * np.float32(0.5)
+        tensors["lm_head.weight"] = rng.standard_normal((config["vocab_size"], h), dtype=np.float32) * embedding_scale
     return tensors
 
 
@@ -218,13 +226,14 @@ def _write_qwen3_tokenizer(directory, vocab_size):
     return tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
 
 
-def make_checkpoint(directory, seed=0, shards=1, tie=True, dtype="f32", qwen3_tokenizer=False, **config_overrides):
+def make_checkpoint(directory, seed=0, shards=1, tie=True, dtype="f32", qwen3_tokenizer=False, trained_like=False,
+                    **config_overrides):
     """Writes a small random Qwen3 checkpoint (config.json, safetensors, tokenizer, generation
     config) to `directory`, deterministic by `seed`. `shards` > 1 splits the weights over that
     many files with a model.safetensors.index.json. The tokenizer is byte-level with a ChatML
     template, or with qwen3_tokenizer a trained BPE with Qwen3's chat tokens, a Qwen3-style template
     (thinking, tools) and Qwen3's generation_config.json (its eos ids and sampling defaults).
-    Returns the directory."""
+    `trained_like` draws the weights more like a trained model's (see _weights). Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {**DEFAULT_CONFIG, "tie_word_embeddings": tie, "torch_dtype": {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype], **config_overrides}
@@ -237,7 +246,7 @@ def make_checkpoint(directory, seed=0, shards=1, tie=True, dtype="f32", qwen3_to
                       "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
     else:
         _write_tokenizer(directory)
-    tensors = _weights(config, np.random.default_rng(seed), tie)
+    tensors = _weights(config, np.random.default_rng(seed), tie, trained_like)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     names = list(tensors)
@@ -253,3 +262,19 @@ def make_checkpoint(directory, seed=0, shards=1, tie=True, dtype="f32", qwen3_to
     (directory / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": int(total)}, "weight_map": weight_map}, indent=2))
     return directory
+
+
+def logit_agreement(reference, logits):
+    """How close next-token distributions are to the reference's, over rows of logits [n, vocab]:
+    the mean KL divergence KL(reference || logits) in nats, the share of rows with the same top
+    token, and the largest absolute logit difference."""
+    reference, logits = np.asarray(reference, np.float64), np.asarray(logits, np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    p, q = log_softmax(reference), log_softmax(logits)
+    kl = (np.exp(p) * (p - q)).sum(axis=-1)
+    return dict(mean_kl=float(kl.mean()), top1=float((reference.argmax(-1) == logits.argmax(-1)).mean()),
+                max_logit_error=float(np.abs(reference - logits).max()))

@@ -1,0 +1,66 @@
+// q8 blocks (formats/SPEC.md, "Quantized weights") and the products on them.
+//
+// A weight row of `in` values is ceil(in / 32) blocks {f16 d; int8 q[32]}, value = q * d, the
+// last block padded with zeros. Activations are quantized the same way once per matmul (scale in
+// f32: they are never stored), so a product is integer dot products of 32 pairs, each scaled once.
+//
+// Every kernel computes y = x W^T in this order, so that all instruction sets give the same bits
+// (the integer sums are exact; only the f32 steps round):
+//   acc[16] = 0
+//   for each block b in order, with d = f32(w.d) * x.d (rounded once) and, for j < 8,
+//     p_j = sum of the 4 products of values [4j, 4j + 4) (an exact integer):
+//       acc[(b % 2) * 8 + j] = fma(d, float(p_j), acc[(b % 2) * 8 + j])
+//   y = acc reduced as dot_f32 does: acc[k] += acc[k + w] for w = 8, 4, 2, 1, then acc[0].
+// (The SIMD products keep one 8-lane accumulator per block parity: kernels_q8_tiles.inc.)
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace q3p {
+
+constexpr size_t kQ8Block = 32;
+
+struct BlockQ8 {  // a stored block of weights: 34 bytes, as llama.cpp's block_q8_0
+  uint16_t d;     // f16 scale
+  int8_t q[kQ8Block];
+};
+static_assert(sizeof(BlockQ8) == 34, "q8 blocks are 34 bytes in the file");
+
+struct BlockQ8Act {  // a block of activations, quantized for one matmul
+  float d;
+  int8_t q[kQ8Block];
+};
+
+inline size_t q8_blocks(size_t n) { return (n + kQ8Block - 1) / kQ8Block; }
+
+float f16_to_f32(uint16_t h);
+
+// Quantizes n values into q8_blocks(n) blocks (the last one padded with zeros) as the converter
+// quantizes weights: d = max|x| / 127, q = nearest integer (ties to even) of x * (1 / d).
+void quantize_row_q8(const float* x, size_t n, BlockQ8Act* out);
+// The first n values of q8 blocks, as f32 (q * d, exact).
+void dequantize_row_q8(const BlockQ8* blocks, float* dst, size_t n);
+
+// y[t * out + o] = x_t . W_o for t < n, o in the kernel's row range; x holds n rows of
+// q8_blocks(in) activation blocks, W out rows of as many weight blocks.
+struct MatmulQ8Args {
+  const BlockQ8Act* x = nullptr;
+  size_t n = 0, in = 0, out = 0;
+  const BlockQ8* w = nullptr;
+  float* y = nullptr;
+};
+
+void matmul_q8_generic(const MatmulQ8Args& a, size_t o0, size_t o1);
+#if defined(__x86_64__)
+void matmul_q8_avx2(const MatmulQ8Args& a, size_t o0, size_t o1);
+void matmul_q8_avx512vnni(const MatmulQ8Args& a, size_t o0, size_t o1);
+#endif
+
+// The q8 product of an instruction set of kernels.h: AVX-512 uses VNNI where the CPU has it
+// (else the AVX2 product).
+Kernels::MatmulQ8 matmul_q8_for(Isa isa);
+
+}  // namespace q3p
