@@ -15,26 +15,31 @@ ClosedError = _core.ClosedError
 ForkedError = _core.ForkedError        # a model used in a child forked after it was loaded
 NumericalError = _core.NumericalError  # NaN or Inf logits
 VERIFY_MODES = ("quick", "full")
+KV_DTYPES = ("f32", "bf16")
 
 
-def load(directory, threads=None, max_context=4096, verify="quick"):
+def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f32"):
     """Opens a converted directory and maps its rank files.
 
     threads: compute threads in all (None: the CPUs this process may use); each of the W ranks
     computes with max(1, threads // W) of them. max_context: the longest sequence (prompt and
     generated tokens) of a session; the KV cache is sized by it, not by the model's
     max_position_embeddings. verify: "quick" checks every header, offset, size and shape;
-    "full" also checks every tensor's CRC32C (reads all the weights once).
+    "full" also checks every tensor's CRC32C (reads all the weights once). kv_dtype: how the KV
+    cache stores keys and values, "f32" or "bf16" (half the memory; see the README for what it
+    costs in accuracy).
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = _positive_int(threads, "threads", MAX_THREADS)
     max_context = _positive_int(max_context, "max_context", MAX_CONTEXT)
     converted = formats.open(directory)
     engine = _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
-                          verify == "full")
+                          verify == "full", kv_dtype)
     return Model(engine, converted.manifest, _tokenizer_of(converted.path))
 
 
@@ -146,6 +151,7 @@ class Model:
         self.max_context = engine.max_context
         self.threads = engine.threads
         self.world_size = engine.world_size
+        self.kv_dtype = engine.kv_dtype
 
     @property
     def config(self):
@@ -282,7 +288,8 @@ class Model:
             pass
 
     def __repr__(self):
-        state = "closed" if self.closed else f"tp={self.world_size}, threads={self.threads}, max_context={self.max_context}"
+        state = "closed" if self.closed else (f"tp={self.world_size}, threads={self.threads}, max_context={self.max_context}, "
+                                                 f"kv_dtype={self.kv_dtype}")
         return f"<qwen3pack Model {state}>"
 
 
@@ -297,6 +304,12 @@ class Session:
     def position(self):
         """How many tokens the sequence holds."""
         return self._core.position
+
+    @property
+    def kv_cache_bytes(self):
+        """The memory this sequence's KV cache holds, in bytes (it grows with the sequence in
+        full-attention layers; half as much with kv_dtype="bf16")."""
+        return self._core.kv_cache_bytes
 
     def append(self, ids):
         """Feeds tokens; returns the float32 logits [vocab_size] of the last one."""
