@@ -138,22 +138,33 @@ inline __mmask16 lanes_below(size_t count) {
 constexpr size_t kHeads = 8;     // query heads whose scores are held at once
 constexpr size_t kValueVecs = 8; // output vectors of a head held in registers (128 values)
 
-// s[g][j] = scale * (q_g . k_j): lane l sums d = l, l + 16, ... of D, then a tree of the lanes.
-template <DType KV>
-void tile_scores(const AttentionTile& a, size_t g0, size_t heads, float (*s)[kAttentionTile]) {
+// s[h][j] = scale * (q_h . k_j) for the H heads from g0: lane l sums d = l, l + 16, ... of D, then
+// a tree of the lanes. kKeys keys at a time, so that H x kKeys independent sums are in flight
+// (one key's sum alone waits on its FMAs' latency), each key vector serving the H heads.
+constexpr size_t kKeys = 4;
+
+template <DType KV, int H>
+void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) {
   constexpr size_t esize = KV == DType::F32 ? 4 : 2;
   const uint8_t* k = static_cast<const uint8_t*>(a.k);
-  for (size_t j = 0; j < a.nk; ++j) {
-    const uint8_t* key = k + j * a.ld * esize;
-    for (size_t g = 0; g < heads; ++g) {
-      const float* q = a.q + (g0 + g) * a.D;
-      __m512 acc = _mm512_setzero_ps();
-      for (size_t d = 0; d < a.D; d += kLanes) {
-        const __mmask16 mask = lanes_below(a.D - d);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), load_weights<KV>(key + d * esize, mask), acc);
+  for (size_t j = 0; j < a.nk; j += kKeys) {
+    const uint8_t* key[kKeys];  // past the tile's end, its last key again (not stored)
+    UNROLLED for (size_t i = 0; i < kKeys; ++i) key[i] = k + min_size(j + i, a.nk - 1) * a.ld * esize;
+    __m512 acc[H][kKeys];
+    UNROLLED for (int h = 0; h < H; ++h)
+      UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm512_setzero_ps();
+    for (size_t d = 0; d < a.D; d += kLanes) {
+      const __mmask16 mask = lanes_below(a.D - d);
+      __m512 kv[kKeys];
+      UNROLLED for (size_t i = 0; i < kKeys; ++i) kv[i] = load_weights<KV>(key[i] + d * esize, mask);
+      UNROLLED for (int h = 0; h < H; ++h) {
+        const __m512 qv = _mm512_maskz_loadu_ps(mask, a.q + (g0 + h) * a.D + d);
+        UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm512_fmadd_ps(qv, kv[i], acc[h][i]);
       }
-      s[g][j] = _mm512_reduce_add_ps(acc) * a.scale;
     }
+    UNROLLED for (int h = 0; h < H; ++h)
+      UNROLLED for (size_t i = 0; i < kKeys; ++i)
+        if (j + i < a.nk) s[h][j + i] = _mm512_reduce_add_ps(acc[h][i]) * a.scale;
   }
 }
 
@@ -215,11 +226,12 @@ void attention_tile(const AttentionTile& a) {
   float correction[kHeads];
   for (size_t g0 = 0; g0 < a.G; g0 += kHeads) {
     const size_t heads = min_size(kHeads, a.G - g0);
-    tile_scores<KV>(a, g0, heads, s);
-    for (size_t g = 0; g < heads; ++g) correction[g] = softmax_step(a, g0 + g, s[g]);
+    size_t g = 0;
+    for (; g + 2 <= heads; g += 2) tile_scores<KV, 2>(a, g0 + g, s + g);
+    if (g < heads) tile_scores<KV, 1>(a, g0 + g, s + g);
+    for (g = 0; g < heads; ++g) correction[g] = softmax_step(a, g0 + g, s[g]);
     for (size_t d0 = 0; d0 < a.D; d0 += kValueVecs * kLanes) {
-      size_t g = 0;
-      for (; g + 2 <= heads; g += 2) tile_values<KV, 2>(a, g0 + g, d0, s + g, correction + g);
+      for (g = 0; g + 2 <= heads; g += 2) tile_values<KV, 2>(a, g0 + g, d0, s + g, correction + g);
       if (g < heads) tile_values<KV, 1>(a, g0 + g, d0, s + g, correction + g);
     }
   }
