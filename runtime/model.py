@@ -18,16 +18,20 @@ ForkedError = _core.ForkedError        # a model used in a child forked after it
 NumericalError = _core.NumericalError  # NaN or Inf logits
 VERIFY_MODES = ("quick", "full")
 BACKENDS = ("threads", "mpi")
+KV_DTYPES = ("f32", "bf16")
 
 
-def load(directory, threads=None, max_context=4096, verify="quick", backend="threads", ranks_per_process=1):
+def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f32", backend="threads",
+         ranks_per_process=1):
     """Opens a converted directory and maps its rank files.
 
     threads: compute threads in all (None: the CPUs this process may use); each of the W ranks
     computes with max(1, threads // W) of them. max_context: the longest sequence (prompt and
     generated tokens) of a session; the KV cache is sized by it, not by the model's
     max_position_embeddings. verify: "quick" checks every header, offset, size and shape;
-    "full" also checks every tensor's CRC32C (reads all the weights once).
+    "full" also checks every tensor's CRC32C (reads all the weights once). kv_dtype: how the KV
+    cache stores keys and values, "f32" or "bf16" (half the memory; see the README for what it
+    costs in accuracy).
 
     backend: "threads" computes every rank in this process; "mpi" (under mpiexec, with the
     qwen3pack[mpi] extra) computes ranks_per_process ranks in each MPI process, which maps only
@@ -37,6 +41,8 @@ def load(directory, threads=None, max_context=4096, verify="quick", backend="thr
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ranks_per_process = _positive_int(ranks_per_process, "ranks_per_process", MAX_THREADS)
@@ -47,11 +53,11 @@ def load(directory, threads=None, max_context=4096, verify="quick", backend="thr
     threads = _positive_int(threads, "threads", MAX_THREADS)
     max_context = _positive_int(max_context, "max_context", MAX_CONTEXT)
     if backend == "mpi":
-        return mpi.load(directory, threads, max_context, verify == "full", ranks_per_process,
+        return mpi.load(directory, threads, max_context, verify == "full", kv_dtype, ranks_per_process,
                         lambda engine, manifest: Model(engine, manifest, _tokenizer_of(Path(directory))))
     converted = formats.open(directory)
     engine = _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
-                          verify == "full")
+                          verify == "full", kv_dtype)
     return Model(engine, converted.manifest, _tokenizer_of(converted.path))
 
 
@@ -163,6 +169,7 @@ class Model:
         self.max_context = engine.max_context
         self.threads = engine.threads
         self.world_size = engine.world_size
+        self.kv_dtype = engine.kv_dtype
 
     @property
     def config(self):
@@ -308,7 +315,8 @@ class Model:
             pass
 
     def __repr__(self):
-        state = "closed" if self.closed else f"tp={self.world_size}, threads={self.threads}, max_context={self.max_context}"
+        state = "closed" if self.closed else (f"tp={self.world_size}, threads={self.threads}, max_context={self.max_context}, "
+                                                 f"kv_dtype={self.kv_dtype}")
         return f"<qwen3pack Model {state}>"
 
 
@@ -323,6 +331,12 @@ class Session:
     def position(self):
         """How many tokens the sequence holds."""
         return self._core.position
+
+    @property
+    def kv_cache_bytes(self):
+        """The memory this sequence's KV cache holds, in bytes (it grows with the sequence in
+        full-attention layers; half as much with kv_dtype="bf16")."""
+        return self._core.kv_cache_bytes
 
     def append(self, ids):
         """Feeds tokens; returns the float32 logits [vocab_size] of the last one."""

@@ -14,13 +14,16 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     monkeypatch.delenv("LLAMA_BENCH", raising=False)
     results = bench.main(["--quick", "--json", "--repeats", "1"])
     printed = json.loads(capsys.readouterr().out)
-    assert printed["runs"] and set(printed) >= {"model", "machine", "sizes", "runs", "conversion", "transformers",
-                                                 "llama.cpp"}
+    assert printed["runs"] and set(printed) >= {"model", "machine", "sizes", "runs", "long_context", "conversion",
+                                                 "transformers", "llama.cpp"}
     assert [(r["tp"], r["threads"]) for r in printed["runs"]] == [(1, 1), (1, 2), (2, 2)]
     for run in printed["runs"]:
         assert set(run) == RUN_FIELDS
         assert set(run["decode_tok_s"]) == {"1", "4", "16"}
         assert all(v > 0 for v in run["decode_tok_s"].values())
+    long_context = printed["long_context"]
+    assert (long_context["position"], long_context["tp"], long_context["threads"]) == (40, 1, 2)
+    assert set(long_context["decode_tok_s"]) == {"f32", "bf16"} and all(v > 0 for v in long_context["decode_tok_s"].values())
     assert set(printed["machine"]["read_bandwidth_bytes_s"]) == {"1", "2"}
     assert set(printed["machine"]["fma_peak_flops"]) == {"1", "2"}
     assert set(printed["conversion"]) == {"bytes", "tp", "convert_s", "cp_sync_s", "convert_over_cp", "validate_gb_s"}
@@ -41,8 +44,8 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
 
     bench.print_table(results)
     table = capsys.readouterr().out
-    for line in ("read bandwidth", "FMA peak", "decode b16", "transformers (tokens/s)", "llama.cpp: not found",
-                 "convert/cp", "x bf16, ", "q8 against the f32 model",
+    for line in ("read bandwidth", "FMA peak", "decode b16", "decode from position 40", "transformers (tokens/s)",
+                 "llama.cpp: not found", "convert/cp", "x bf16, ", "q8 against the f32 model",
                  "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):
         assert line in table
 

@@ -112,6 +112,15 @@ def test_generate_streams_the_answer_to_a_user_message(chat_model):
     assert raw.returncode == 0 and raw.stdout == continued.rstrip("\n") + "\n"
 
 
+def test_generate_with_a_bf16_kv_cache_gives_the_text_of_the_python_api(chat_model):
+    import qwen3pack
+    result = run("generate", chat_model, "Hello", "--max-tokens", 8, "--temperature", 0, "--kv-dtype", "bf16")
+    assert result.returncode == 0, result.stderr
+    with qwen3pack.load(chat_model, threads=1, kv_dtype="bf16") as m:
+        expected = m.chat([{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0).text
+    assert result.stdout == expected.rstrip("\n") + "\n"
+
+
 def test_chat_from_a_pipe_answers_one_turn_per_line(chat_model):
     import qwen3pack
     result = run_with_input("Hello\n/no_think\nHow are you?\n", "chat", chat_model, "--system", "Be brief.",
@@ -132,6 +141,8 @@ def test_chat_from_a_pipe_answers_one_turn_per_line(chat_model):
     (["generate", "{model}", "hi", "--raw", "--no-think"], "--think/--no-think apply to --chat, not to --raw"),
     (["generate", "{model}"], "Missing argument 'PROMPT'"),
     (["chat", "{model}", "--temperature", "warm"], "Invalid value for '--temperature'"),
+    (["generate", "{model}", "hi", "--kv-dtype", "f16"], "Invalid value for '--kv-dtype': 'f16' is not one of"),
+    (["serve", "{model}", "--kv-dtype", "int8"], "Invalid value for '--kv-dtype': 'int8' is not one of"),
 ])
 def test_text_commands_give_usage_errors_for_bad_arguments(chat_model, args, message):
     result = run(*[a.format(model=chat_model) for a in args])

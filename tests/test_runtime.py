@@ -36,6 +36,11 @@ CONFIGS = {
     "sliding_window_5_mixed_layers": dict(
         use_sliding_window=True, sliding_window=5, num_hidden_layers=3,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # Longer than the attention tile (64): the online softmax runs over several tiles, and the
+    # ring of the sliding layers wraps inside a tile.
+    "sliding_window_37_long": dict(
+        use_sliding_window=True, sliding_window=37, num_hidden_layers=3,
+        layer_types=["full_attention", "sliding_attention", "full_attention"]),
     "yarn_rope": dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
                       max_position_embeddings=64),
     "linear_rope": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
@@ -97,6 +102,7 @@ def random_ids(n, vocab, seed=0):
     ("sliding_window_5_mixed_layers", 2),
     ("yarn_rope", 1),
     ("yarn_rope", 2),
+    ("sliding_window_37_long", 2),
     ("linear_rope", 2),
     ("vocab_383_not_divisible_by_tp", 2),
     ("vocab_383_not_divisible_by_tp", 4),
@@ -104,12 +110,14 @@ def random_ids(n, vocab, seed=0):
 def test_logits_at_every_position_match_transformers(converted, name, tp):
     checkpoint, out = converted(name, tp)
     vocab = hf_model(checkpoint).config.vocab_size
-    ids = random_ids(40, vocab, seed=tp)  # 40 tokens: 8 sliding windows, beyond yarn's 16 positions
+    # 40 tokens: 8 sliding windows of 5, beyond yarn's 16 positions; 200 for the long windows.
+    n = 200 if name.endswith("_long") else 40
+    ids = random_ids(n, vocab, seed=tp)
     with runtime.load(out, threads=2) as m:
         assert m.world_size == tp
         got = m.logits(ids)
     want = hf_logits(checkpoint, ids)
-    assert got.shape == (40, vocab) and got.dtype == np.float32  # padded vocabulary rows dropped
+    assert got.shape == (n, vocab) and got.dtype == np.float32  # padded vocabulary rows dropped
     assert np.abs(want).max() > 1.0  # a meaningful comparison: logits of order 1-10
     np.testing.assert_allclose(got, want, rtol=0, atol=F32_ATOL)
 

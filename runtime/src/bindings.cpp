@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -386,6 +387,52 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
   return make_array(std::move(y), {n, out});
 }
 
+// Attention of the G query heads q [G, D] over keys and values k, v [n, ld >= D] (their first D
+// columns: f32, or bf16 patterns with kv_dtype "bf16") at positions [first, first + n), in the
+// tiles the engine uses, with one instruction set's kernel (for the kernel tests).
+FloatArray attention_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> q,
+                              nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> k,
+                              nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> v, const std::string& kv_dtype,
+                              int64_t first, float scale, const std::string& isa) {
+  q3p::DType dt;
+  if (!q3p::parse_dtype(kv_dtype, &dt) || dt == q3p::DType::F16) throw q3p::UsageError("kv_dtype must be f32 or bf16");
+  const size_t G = q.shape(0), D = q.shape(1), n = k.shape(0), ld = k.shape(1);
+  if (v.shape(0) != n || v.shape(1) != ld || ld < D || k.itemsize() != q3p::dtype_size(dt) ||
+      v.itemsize() != k.itemsize() || n < 1 || first < 0)
+    throw q3p::UsageError("k and v must be [n >= 1, ld >= D] of " + kv_dtype + " values, first >= 0");
+  const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
+  std::vector<float> out(G * D, 0.0f), max(G, -INFINITY), sum(G, 0.0f);
+  q3p::AttentionTile a;
+  a.q = q.data();
+  a.G = G;
+  a.D = D;
+  a.ld = ld;
+  a.kv = dt;
+  a.scale = scale;
+  a.max = max.data();
+  a.sum = sum.data();
+  a.out = out.data();
+  const int64_t tile = static_cast<int64_t>(q3p::kAttentionTile), last = first + static_cast<int64_t>(n);
+  for (int64_t p = first; p < last;) {
+    const int64_t end = std::min(last, (p / tile + 1) * tile);
+    a.k = static_cast<const uint8_t*>(k.data()) + static_cast<size_t>(p - first) * ld * k.itemsize();
+    a.v = static_cast<const uint8_t*>(v.data()) + static_cast<size_t>(p - first) * ld * v.itemsize();
+    a.nk = static_cast<size_t>(end - p);
+    kernel.attention_tile(a);
+    p = end;
+  }
+  for (size_t g = 0; g < G; ++g) q3p::scale(out.data() + g * D, 1.0f / sum[g], D);
+  return make_array(std::move(out), {G, D});
+}
+
+// x rounded to bf16 as the KV cache stores it: the 16-bit patterns.
+nb::ndarray<nb::numpy, uint16_t> to_bf16(nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
+  auto* bits = new std::vector<uint16_t>(x.shape(0));
+  q3p::to_bf16(x.data(), bits->data(), x.shape(0));
+  nb::capsule owner(bits, [](void* p) noexcept { delete static_cast<std::vector<uint16_t>*>(p); });
+  return nb::ndarray<nb::numpy, uint16_t>(bits->data(), {x.shape(0)}, owner);
+}
+
 double fma_peak_flops(const std::string& isa, double seconds) {
   const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
   return without_gil([&] { return q3p::fma_peak_flops(kernel.isa, seconds); });
@@ -442,6 +489,10 @@ NB_MODULE(_core, m) {
         "ranks"_a = 2,
         "Median seconds of an all-reduce of n floats: over MPI (mpi_library: the loaded libmpi; mpi_comm: a "
         "communicator whose every process calls this) or between `ranks` threads through shared memory.");
+  m.def("attention", &attention_with_isa, "q"_a, "k"_a, "v"_a, "kv_dtype"_a, "first"_a, "scale"_a, "isa"_a,
+        "Attention of q [G, D] over k, v [n, ld] at positions [first, first + n), tiled as the engine does.");
+  m.attr("ATTENTION_TILE") = q3p::kAttentionTile;
+  m.def("to_bf16", &to_bf16, "x"_a, "float32 values rounded to bf16 (ties to even), as uint16 bit patterns.");
   m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a,
         "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8 "
         "rows of blocks as bytes [out, row bytes]).");
@@ -467,6 +518,7 @@ NB_MODULE(_core, m) {
 
   nb::class_<Session>(m, "Session", "A sequence with its KV cache (made by Engine.new_session).")
       .def_prop_ro("position", [](const Session& s) { return s.cache->position(); })
+      .def_prop_ro("kv_cache_bytes", [](const Session& s) { return s.cache->bytes(); })
       .def("append",
            [](Session& s, const IdArray& ids, bool all_logits) {
              auto r = run_forward(live(s.engine), {s.cache.get()}, {ids_of(ids)}, {all_logits});
@@ -489,7 +541,7 @@ NB_MODULE(_core, m) {
   nb::class_<EngineHandle>(m, "Engine", "The model's rank files, mapped and checked, and the threads computing them.")
       .def("__init__",
            [](EngineHandle* self, nb::dict model, nb::dict layout, nb::list ranks, int threads, int64_t max_context,
-              bool verify_crc, std::string mpi_library, uint64_t mpi_comm) {
+              bool verify_crc, const std::string& kv_dtype, std::string mpi_library, uint64_t mpi_comm) {
              q3p::ModelConfig mc = parse_model(model);
              q3p::Layout lc = parse_layout(layout);
              std::vector<q3p::RankSource> sources;
@@ -498,6 +550,8 @@ NB_MODULE(_core, m) {
              opt.threads = threads;
              opt.max_context = max_context;
              opt.verify_crc = verify_crc;
+             if (!q3p::parse_dtype(kv_dtype, &opt.kv_dtype) || opt.kv_dtype == q3p::DType::F16)
+               throw q3p::UsageError("kv_dtype must be 'f32' or 'bf16', got '" + kv_dtype + "'");
              auto engine = without_gil([&] {
                std::unique_ptr<q3p::Communicator> comm;
                if (!mpi_library.empty())
@@ -506,8 +560,8 @@ NB_MODULE(_core, m) {
              });
              new (self) EngineHandle{std::move(engine)};
            },
-           "model"_a, "layout"_a, "ranks"_a, "threads"_a, "max_context"_a, "verify_crc"_a, "mpi_library"_a = "",
-           "mpi_comm"_a = 0,
+           "model"_a, "layout"_a, "ranks"_a, "threads"_a, "max_context"_a, "verify_crc"_a, "kv_dtype"_a = "f32",
+           "mpi_library"_a = "", "mpi_comm"_a = 0,
            "ranks: the rank files this process computes. With mpi_library (the path of the loaded, initialized "
            "libmpi) the ranks are those this process holds of the MPI communicator mpi_comm (an MPICH ABI handle), "
            "else all of them, as threads.")
@@ -526,6 +580,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("first_rank", [](const EngineHandle& h) { return h.get().first_rank(); })
       .def_prop_ro("local_ranks", [](const EngineHandle& h) { return h.get().local_ranks(); })
       .def_prop_ro("isa", [](const EngineHandle& h) { return std::string(h.get().isa()); })
+      .def_prop_ro("kv_dtype", [](const EngineHandle& h) { return std::string(q3p::dtype_name(h.get().kv_dtype())); })
       .def("new_session",
            [](const EngineHandle& h) {
              auto s = std::make_unique<Session>();

@@ -67,7 +67,11 @@ Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector
   kv_geometry_.sliding = model_.sliding;
   kv_geometry_.window = model_.sliding_window;
   kv_geometry_.max_context = max_context_;
-  kv_geometry_.row = layout_.kv_heads_per_rank * model_.head_dim;
+  kv_geometry_.heads = layout_.kv_heads_per_rank;
+  kv_geometry_.head_dim = model_.head_dim;
+  if (options.kv_dtype != DType::F32 && options.kv_dtype != DType::BF16)
+    throw UsageError(std::string("kv_dtype = ") + dtype_name(options.kv_dtype) + " is not supported (f32 or bf16)");
+  kv_geometry_.dtype = options.kv_dtype;
   rope_ = compute_rope(model_);
   attn_scale_ = static_cast<float>(std::pow(static_cast<double>(model_.head_dim), -0.5));
 
@@ -168,7 +172,6 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
   tok_pos_.clear();
   tok_seq_.clear();
   selected_.clear();
-  int64_t max_keys = 1;
   for (const ForwardRequest& q : batch) {
     const int64_t pos0 = q.cache->position();
     q.cache->reserve(pos0 + static_cast<int64_t>(q.n));
@@ -179,7 +182,6 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
       tok_pos_.push_back(pos0 + static_cast<int64_t>(j));
       tok_seq_.push_back(static_cast<uint32_t>(seqs_.size() - 1));
     }
-    max_keys = std::max(max_keys, pos0 + static_cast<int64_t>(q.n));
   }
   const size_t N = tok_ids_.size(), S = selected_.size();
   // Attention schedule (see attention()): a sequence wraps the ring of the sliding layers when
@@ -219,7 +221,7 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.act.resize(N * I);
     w.sel.resize(S * H);
     w.logits.resize(S * V);
-    w.scores.resize(T * (Nq / Nkv) * static_cast<size_t>(max_keys));
+    w.softmax_state.resize(T * 2 * (Nq / Nkv));
     w.xq.resize(N * q8_blocks(std::max({H, Nq * D, I})));
   }
   if (holds_logits) gathered_.resize(W * S * V);
@@ -382,52 +384,65 @@ void Engine::store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t
   const size_t Nq = static_cast<size_t>(layout_.heads_per_rank), Nkv = static_cast<size_t>(layout_.kv_heads_per_rank);
   const float* row = work_[static_cast<size_t>(rank)].qkv.data() + t * (Nq + 2 * Nkv) * D;
   const int64_t slot = cache.slot(layer, pos);
-  const size_t off = static_cast<size_t>(g0) * D, count = static_cast<size_t>(g1 - g0) * D;
-  std::memcpy(cache.keys(rank, layer, slot) + off, row + Nq * D + off, count * sizeof(float));
-  std::memcpy(cache.values(rank, layer, slot) + off, row + (Nq + Nkv) * D + off, count * sizeof(float));
+  for (int64_t h = g0; h < g1; ++h) {
+    const float* k = row + (Nq + static_cast<size_t>(h)) * D;
+    const float* v = row + (Nq + Nkv + static_cast<size_t>(h)) * D;
+    if (cache.dtype() == DType::BF16) {
+      to_bf16(k, static_cast<uint16_t*>(cache.keys(rank, layer, h, slot)), D);
+      to_bf16(v, static_cast<uint16_t*>(cache.values(rank, layer, h, slot)), D);
+    } else {
+      std::memcpy(cache.keys(rank, layer, h, slot), k, D * sizeof(float));
+      std::memcpy(cache.values(rank, layer, h, slot), v, D * sizeof(float));
+    }
+  }
 }
 
 // The queries of token t (at position pos) in the local heads that share KV head g, against the
-// cached keys they may see: positions [lo, pos], in at most two runs of consecutive slots (a
-// sliding layer's ring wraps once), each read once for all the heads of the group.
-void Engine::attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t g, float* scores) {
+// cached keys they may see, positions [lo, pos]: only those tiles are visited (none is masked),
+// each read once for all the heads of the group. Tiles end at multiples of kAttentionTile and,
+// in a sliding layer, where the ring wraps: both are fixed by absolute positions, so the order of
+// the sums is the same whatever else the batch holds. `state` holds 2 G floats.
+void Engine::attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t g, float* state) {
   const size_t D = static_cast<size_t>(model_.head_dim);
   const size_t Nq = static_cast<size_t>(layout_.heads_per_rank), Nkv = static_cast<size_t>(layout_.kv_heads_per_rank);
-  const size_t G = Nq / Nkv, ld = static_cast<size_t>(kv_geometry_.row);
+  const size_t G = Nq / Nkv;
   RankWork& w = work_[static_cast<size_t>(rank)];
-  const size_t lds = w.scores.size() / (static_cast<size_t>(threads_per_rank_) * G);  // one head's scores
-  const float* q = w.qkv.data() + t * (Nq + 2 * Nkv) * D + static_cast<size_t>(g) * G * D;
-  float* out = w.attn.data() + t * Nq * D + static_cast<size_t>(g) * G * D;
   const bool sliding = model_.sliding[static_cast<size_t>(layer)];
   const int64_t lo = sliding ? std::max<int64_t>(0, pos - model_.sliding_window + 1) : 0;
-  const size_t nk = static_cast<size_t>(pos - lo + 1);
-  const size_t goff = static_cast<size_t>(g) * D;
   const int64_t ring = cache.ring(layer);
+  const int64_t tile = static_cast<int64_t>(kAttentionTile);
 
-  // Calls fn(first key index, slot, keys in the run) for each run of consecutive slots.
-  auto for_each_run = [&](auto&& fn) {
-    for (int64_t p = lo; p <= pos;) {
-      const int64_t slot = cache.slot(layer, p);
-      const int64_t run = ring ? std::min(pos - p + 1, ring - slot) : pos - p + 1;
-      fn(static_cast<size_t>(p - lo), slot, static_cast<size_t>(run));
-      p += run;
-    }
-  };
-  for_each_run([&](size_t j, int64_t slot, size_t run) {
-    kernels_.attention_scores(q, G, D, cache.keys(rank, layer, slot) + goff, ld, run, attn_scale_, scores + j, lds);
-  });
-  for (size_t h = 0; h < G; ++h) softmax(scores + h * lds, nk);
-  std::fill_n(out, G * D, 0.0f);
-  for_each_run([&](size_t j, int64_t slot, size_t run) {
-    kernels_.attention_values(scores + j, lds, G, cache.values(rank, layer, slot) + goff, ld, run, D, out);
-  });
+  AttentionTile a;
+  a.q = w.qkv.data() + t * (Nq + 2 * Nkv) * D + static_cast<size_t>(g) * G * D;
+  a.G = G;
+  a.D = D;
+  a.ld = D;
+  a.kv = cache.dtype();
+  a.scale = attn_scale_;
+  a.max = state;
+  a.sum = state + G;
+  a.out = w.attn.data() + t * Nq * D + static_cast<size_t>(g) * G * D;
+  std::fill_n(a.max, G, -INFINITY);
+  std::fill_n(a.sum, G, 0.0f);
+  std::fill_n(a.out, G * D, 0.0f);
+  for (int64_t p = lo; p <= pos;) {
+    const int64_t slot = cache.slot(layer, p);
+    int64_t end = std::min(pos + 1, (p / tile + 1) * tile);
+    if (ring) end = std::min(end, p - slot + ring);  // the ring wraps there
+    a.k = cache.keys(rank, layer, g, slot);
+    a.v = cache.values(rank, layer, g, slot);
+    a.nk = static_cast<size_t>(end - p);
+    kernels_.attention_tile(a);
+    p = end;
+  }
+  for (size_t h = 0; h < G; ++h) scale(a.out + h * D, 1.0f / a.sum[h], D);
 }
 
 void Engine::attention(int rank, int64_t layer) {
   RankWork& w = work_[static_cast<size_t>(rank)];
   ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
   const int64_t Nkv = layout_.kv_heads_per_rank;
-  const size_t per_thread = w.scores.size() / static_cast<size_t>(threads_per_rank_);
+  const size_t per_thread = w.softmax_state.size() / static_cast<size_t>(threads_per_rank_);
 
   // See forward(): sequences whose new tokens do not wrap a ring write all their keys first,
   // then all their queries attend in parallel.
@@ -439,11 +454,16 @@ void Engine::attention(int rank, int64_t layer) {
       store_kv(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], 0, Nkv);
     }
   });
-  parallel_for(pool, bulk_tokens.size() * static_cast<size_t>(Nkv), [&](int part, size_t b, size_t e) {
-    float* scores = w.scores.data() + static_cast<size_t>(part) * per_thread;
-    for (size_t i = b; i < e; ++i) {
+  // Pairs (token, KV head), dealt to the threads in turn rather than in contiguous ranges: a
+  // token's cost grows with its position, and contiguous ranges of a prompt gave the last thread
+  // 3/4 of the work with 2 threads.
+  const size_t pairs = bulk_tokens.size() * static_cast<size_t>(Nkv);
+  const size_t parts = std::min(static_cast<size_t>(pool.size()), pairs);
+  pool.run(static_cast<int>(parts), [&](int part) {
+    float* state = w.softmax_state.data() + static_cast<size_t>(part) * per_thread;
+    for (size_t i = static_cast<size_t>(part); i < pairs; i += parts) {
       const size_t t = bulk_tokens[i / static_cast<size_t>(Nkv)];
-      attend(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], static_cast<int64_t>(i % static_cast<size_t>(Nkv)), scores);
+      attend(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], static_cast<int64_t>(i % static_cast<size_t>(Nkv)), state);
     }
   });
   if (!sliding) return;
@@ -454,12 +474,12 @@ void Engine::attention(int rank, int64_t layer) {
   for (size_t si : wrapping_seqs_) {
     const Seq& s = seqs_[si];
     parallel_for(pool, static_cast<size_t>(Nkv), [&](int part, size_t b, size_t e) {
-      float* scores = w.scores.data() + static_cast<size_t>(part) * per_thread;
+      float* state = w.softmax_state.data() + static_cast<size_t>(part) * per_thread;
       for (size_t j = 0; j < s.n; ++j) {
         const size_t t = s.first_token + j;
         const int64_t pos = s.pos0 + static_cast<int64_t>(j);
         store_kv(rank, layer, *s.cache, t, pos, static_cast<int64_t>(b), static_cast<int64_t>(e));
-        for (size_t g = b; g < e; ++g) attend(rank, layer, *s.cache, t, pos, static_cast<int64_t>(g), scores);
+        for (size_t g = b; g < e; ++g) attend(rank, layer, *s.cache, t, pos, static_cast<int64_t>(g), state);
       }
     });
   }

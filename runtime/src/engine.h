@@ -32,6 +32,7 @@ struct EngineOptions {
   int threads = 1;            // compute threads in all; each rank gets max(1, threads / W)
   int64_t max_context = 4096;  // longest sequence (KV cache positions)
   bool verify_crc = false;     // check every tensor's CRC32C at load
+  DType kv_dtype = DType::F32;  // of the KV cache: F32 or BF16 (half the memory)
 };
 
 // New tokens of one sequence for Engine::forward.
@@ -63,6 +64,7 @@ class Engine {
   int local_ranks() const { return comm_->local_ranks(); }
   // The instruction set of the matrix kernels (QWEN3PACK_ISA at construction, else the best).
   const char* isa() const { return isa_name(kernels_.isa); }
+  DType kv_dtype() const { return kv_geometry_.dtype; }
   bool closed() const { return closed_.load(); }
   // True in a child forked after the engine was made: its threads and locks are the parent's,
   // so the child must neither use it nor destroy it (see bindings.cpp).
@@ -92,7 +94,7 @@ class Engine {
  private:
   struct RankWork {
     std::vector<float> x, xn, qkv, attn, proj, gate_up, act, sel, logits;
-    std::vector<float> scores;   // pool threads x query heads per KV head x the most keys of one query
+    std::vector<float> softmax_state;  // per pool thread: the running max and sum of G query heads
     std::vector<BlockQ8Act> xq;  // the activations of a product on q8 weights, quantized
   };
   struct Seq {  // one request during a forward
@@ -109,7 +111,7 @@ class Engine {
   void matmul(int rank, const float* x, size_t n, const TensorView& w, float* y);
   void matmul_q8(int rank, const MatmulArgs& a);
   void attention(int rank, int64_t layer);
-  void attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_head, float* scores);
+  void attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_head, float* state);
   void store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_begin, int64_t kv_end);
 
   ModelConfig model_;

@@ -70,18 +70,6 @@ void to_f32(const void* src, DType dt, float* dst, size_t n) {
   }
 }
 
-float dot_f32(const float* a, const float* b, size_t n) {
-  constexpr size_t K = 16;
-  float acc[K] = {};
-  size_t i = 0;
-  for (; i + K <= n; i += K)
-    for (size_t k = 0; k < K; ++k) acc[k] += a[i + k] * b[i + k];
-  for (size_t k = 0; i < n; ++i, ++k) acc[k] += a[i] * b[i];
-  for (size_t w = K / 2; w > 0; w /= 2)
-    for (size_t k = 0; k < w; ++k) acc[k] += acc[k + w];
-  return acc[0];
-}
-
 void rmsnorm(const float* x, const float* w, float eps, float* y, size_t n) {
   double ss = 0.0;
   for (size_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
@@ -99,16 +87,15 @@ void rope_neox(float* x, const float* cos, const float* sin, size_t dim) {
   }
 }
 
-void softmax(float* x, size_t n) {
-  float m = -INFINITY;
-  for (size_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  float sum = 0.0f;
+void to_bf16(const float* src, uint16_t* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    sum += x[i];
+    uint32_t bits;
+    std::memcpy(&bits, src + i, 4);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u)
+      dst[i] = static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+    else
+      dst[i] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
   }
-  const float inv = 1.0f / sum;
-  for (size_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
 void silu_mul(const float* gate, const float* up, float* out, size_t n) {
@@ -151,10 +138,10 @@ bool isa_supported(Isa isa) {
 namespace {
 Kernels matrix_kernels_for(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::Avx512) return {isa, matmul_avx512, attention_scores_avx512, attention_values_avx512};
-  if (isa == Isa::Avx2) return {isa, matmul_avx2, attention_scores_generic, attention_values_generic};
+  if (isa == Isa::Avx512) return {isa, matmul_avx512, attention_tile_avx512};
+  if (isa == Isa::Avx2) return {isa, matmul_avx2, attention_tile_avx2};
 #endif
-  return {Isa::Generic, matmul_generic, attention_scores_generic, attention_values_generic};
+  return {Isa::Generic, matmul_generic, attention_tile_generic};
 }
 
 Kernels kernel_for(Isa isa) {

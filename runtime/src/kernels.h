@@ -11,9 +11,6 @@ namespace q3p {
 // dst[i] = src[i] as f32, for n elements of dtype `dt` (Q8: the first n values of a row of blocks).
 void to_f32(const void* src, DType dt, float* dst, size_t n);
 
-// sum_i a[i] * b[i], with 16 partial sums in a fixed order.
-float dot_f32(const float* a, const float* b, size_t n);
-
 // y = x W^T: y[t * out + o] = sum_i x[t * in + i] * W[o, i] for t in [0, n), o in [0, out).
 // W is [out, in] row-major with dtype `dt`; the sums are in f32.
 struct MatmulArgs {
@@ -26,6 +23,32 @@ struct MatmulArgs {
 
 struct MatmulQ8Args;  // quant.h
 
+// Attention keys are visited in tiles of at most this many consecutive keys, cut at multiples of
+// it (and of a sliding layer's ring) in absolute positions: a query's tiles, and so the order of
+// its sums, depend on its own position alone, never on the other queries of a batch.
+constexpr size_t kAttentionTile = 64;
+
+// One tile of attention for the G query heads that share a KV head, with an online softmax: the
+// tile's keys and values are read once for all G heads, and the running state of each head g is
+// updated in place:
+//   max[g]: the largest scaled score so far (-inf before the first tile),
+//   sum[g]: the sum of exp(score - max[g]) so far,
+//   out[g * D, (g + 1) * D): the sum of exp(score - max[g]) v so far;
+// the attention output is out / sum after the last tile. The values of each head's state are
+// summed in an order fixed by nk and D alone.
+struct AttentionTile {
+  const float* q = nullptr;  // G heads of D values
+  size_t G = 0, D = 0;
+  const void* k = nullptr;   // nk <= kAttentionTile keys and values at rows j * ld (elements) of k, v
+  const void* v = nullptr;
+  size_t ld = 0, nk = 0;
+  DType kv = DType::F32;     // of k and v: F32 or BF16
+  float scale = 1.0f;        // scores are scale * (q_g . k_j)
+  float* max = nullptr;
+  float* sum = nullptr;
+  float* out = nullptr;
+};
+
 // The instruction sets with matrix kernels, from the most portable.
 enum class Isa { Generic, Avx2, Avx512 };
 const char* isa_name(Isa isa);
@@ -37,13 +60,8 @@ struct Kernels {
   Isa isa;
   // The rows [o0, o1) of y = x W^T.
   void (*matmul)(const MatmulArgs& a, size_t o0, size_t o1);
-  // Attention of G query heads q[g * D, (g + 1) * D) sharing one KV head, over nk keys and values
-  // at rows j * ld of k and v (one contiguous run of cache slots, read once for the G heads):
-  // scores[g * lds + j] = scale * (q_g . k_j), and out[g * D + d] += sum_j p[g * lds + j] v_j[d].
-  void (*attention_scores)(const float* q, size_t G, size_t D, const float* k, size_t ld, size_t nk, float scale,
-                           float* scores, size_t lds);
-  void (*attention_values)(const float* p, size_t lds, size_t G, const float* v, size_t ld, size_t nk, size_t D,
-                           float* out);
+  // One tile of attention with an online softmax (see AttentionTile).
+  void (*attention_tile)(const AttentionTile& a);
   // The rows [o0, o1) of a product on q8 weights (quant.h).
   using MatmulQ8 = void (*)(const MatmulQ8Args& a, size_t o0, size_t o1);
   MatmulQ8 matmul_q8 = nullptr;
@@ -65,8 +83,8 @@ void rmsnorm(const float* x, const float* w, float eps, float* y, size_t n);
 // x[i] = x[i] cos[i] - x[i + dim/2] sin[i], x[i + dim/2] = x[i + dim/2] cos[i] + x[i] sin[i].
 void rope_neox(float* x, const float* cos, const float* sin, size_t dim);
 
-// In-place softmax in f32 over n values.
-void softmax(float* x, size_t n);
+// dst[i] = src[i] rounded to the nearest bf16 (ties to even), as bit patterns.
+void to_bf16(const float* src, uint16_t* dst, size_t n);
 
 // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)).
 void silu_mul(const float* gate, const float* up, float* out, size_t n);

@@ -1,9 +1,10 @@
-// The matrix product for AVX2 + FMA + F16C CPUs, compiled with those flags (see kernels_isa.h
+// The kernels (matrix product, attention) for AVX2 + FMA + F16C CPUs, compiled with those flags (see kernels_isa.h
 // for why it uses no header's inline functions). Weights of every dtype are widened to f32 and meet
 // f32 activations in FMAs; the blocking is that of kernels_avx512.cpp with 8 lanes and
 // 16 registers: a tile of kRows weight rows meets kTokens tokens at once.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "kernels_isa.h"
@@ -87,6 +88,157 @@ float fma_loop_avx2(size_t steps, float seed) {
     UNROLLED for (int c = 0; c < kChains; ++c) acc[c] = _mm256_fmadd_ps(acc[c], a, b);
   UNROLLED for (int c = 1; c < kChains; ++c) acc[0] = _mm256_add_ps(acc[0], acc[c]);
   return sum8(acc[0]);
+}
+
+namespace {
+
+// kernels_generic.cpp's exp_nonpositive, 8 lanes at a time (with FMAs: within an ulp of it).
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic)), _mm256_set1_epi32(127)),
+      23);
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_NLT_UQ);  // NaN stays NaN
+  return _mm256_and_ps(live, _mm256_mul_ps(y, _mm256_castsi256_ps(two_n)));
+}
+
+inline void store8(float* p, __m256 v, size_t count) {
+  if (count >= kLanes) return _mm256_storeu_ps(p, v);
+  alignas(32) float tail[kLanes];
+  _mm256_store_ps(tail, v);
+  std::memcpy(p, tail, count * sizeof(float));
+}
+
+inline float max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+constexpr size_t kHeads = 8;      // query heads whose scores are held at once
+constexpr size_t kValueVecs = 4;  // output vectors of a head held in registers (32 values)
+
+// s[h][j] = scale * (q_h . k_j) for the H heads from g0: lane l sums d = l, l + 8, ... of D, then
+// a tree of the lanes. kKeys keys at a time, so that H x kKeys independent sums are in flight
+// (one key's sum alone waits on its FMAs' latency), each key vector serving the H heads.
+constexpr size_t kKeys = 4;
+
+template <DType KV, int H>
+void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) {
+  constexpr size_t esize = KV == DType::F32 ? 4 : 2;
+  const uint8_t* k = static_cast<const uint8_t*>(a.k);
+  for (size_t j = 0; j < a.nk; j += kKeys) {
+    const uint8_t* key[kKeys];  // past the tile's end, its last key again (not stored)
+    UNROLLED for (size_t i = 0; i < kKeys; ++i) key[i] = k + min_size(j + i, a.nk - 1) * a.ld * esize;
+    __m256 acc[H][kKeys];
+    UNROLLED for (int h = 0; h < H; ++h)
+      UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm256_setzero_ps();
+    for (size_t d = 0; d < a.D; d += kLanes) {
+      const size_t count = min_size(kLanes, a.D - d);
+      __m256 kv[kKeys];
+      UNROLLED for (size_t i = 0; i < kKeys; ++i) kv[i] = load8<KV>(key[i] + d * esize, count);
+      UNROLLED for (int h = 0; h < H; ++h) {
+        const __m256 qv = load8<DType::F32>(a.q + (g0 + h) * a.D + d, count);
+        UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm256_fmadd_ps(qv, kv[i], acc[h][i]);
+      }
+    }
+    UNROLLED for (int h = 0; h < H; ++h)
+      UNROLLED for (size_t i = 0; i < kKeys; ++i)
+        if (j + i < a.nk) s[h][j + i] = sum8(acc[h][i]) * a.scale;
+  }
+}
+
+// The online softmax step of head g: s becomes exp(s - max), max and sum move on; returns the
+// factor that rescales the head's earlier output.
+inline float softmax_step(const AttentionTile& a, size_t g, float* s) {
+  const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+  __m256 top = minus_inf;
+  size_t j = 0;
+  for (; j + kLanes <= a.nk; j += kLanes) top = _mm256_max_ps(top, _mm256_loadu_ps(s + j));
+  float m = max8(top);
+  for (; j < a.nk; ++j) m = s[j] > m ? s[j] : m;
+  m = a.max[g] > m ? a.max[g] : m;
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sum = _mm256_setzero_ps();
+  for (j = 0; j < a.nk; j += kLanes) {
+    const size_t count = min_size(kLanes, a.nk - j);
+    alignas(32) float part[kLanes];
+    _mm256_store_ps(part, minus_inf);  // exp(-inf) = 0 past the tile's end
+    std::memcpy(part, s + j, count * sizeof(float));
+    const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(part), mv));
+    store8(s + j, p, count);
+    sum = _mm256_add_ps(sum, p);
+  }
+  const float correction = _mm256_cvtss_f32(exp_nonpositive(_mm256_set1_ps(a.max[g] - m)));  // 0 at first (-inf)
+  a.max[g] = m;
+  a.sum[g] = a.sum[g] * correction + sum8(sum);
+  return correction;
+}
+
+// out[g] = out[g] * correction[g] + sum_j p[g][j] v_j for the H heads from g0, over the values
+// [d0, d0 + 32): the accumulators stay in registers and each value vector serves the H heads.
+template <DType KV, int H>
+void tile_values(const AttentionTile& a, size_t g0, size_t d0, const float (*p)[kAttentionTile],
+                 const float* correction) {
+  constexpr size_t esize = KV == DType::F32 ? 4 : 2;
+  size_t count[kValueVecs];
+  UNROLLED for (size_t i = 0; i < kValueVecs; ++i)
+    count[i] = d0 + i * kLanes < a.D ? min_size(kLanes, a.D - d0 - i * kLanes) : 0;
+  __m256 acc[H][kValueVecs];
+  UNROLLED for (int h = 0; h < H; ++h) {
+    const __m256 c = _mm256_set1_ps(correction[h]);
+    UNROLLED for (size_t i = 0; i < kValueVecs; ++i)
+      acc[h][i] = _mm256_mul_ps(c, load8<DType::F32>(a.out + (g0 + h) * a.D + d0 + i * kLanes, count[i]));
+  }
+  const uint8_t* v = static_cast<const uint8_t*>(a.v) + d0 * esize;
+  for (size_t j = 0; j < a.nk; ++j) {
+    __m256 value[kValueVecs];
+    UNROLLED for (size_t i = 0; i < kValueVecs; ++i)
+      value[i] = load8<KV>(v + (j * a.ld + i * kLanes) * esize, count[i]);
+    UNROLLED for (int h = 0; h < H; ++h) {
+      const __m256 w = _mm256_set1_ps(p[h][j]);
+      UNROLLED for (size_t i = 0; i < kValueVecs; ++i) acc[h][i] = _mm256_fmadd_ps(w, value[i], acc[h][i]);
+    }
+  }
+  UNROLLED for (int h = 0; h < H; ++h)
+    UNROLLED for (size_t i = 0; i < kValueVecs; ++i)
+      store8(a.out + (g0 + h) * a.D + d0 + i * kLanes, acc[h][i], count[i]);
+}
+
+template <DType KV>
+void attention_tile(const AttentionTile& a) {
+  alignas(32) float s[kHeads][kAttentionTile];
+  float correction[kHeads];
+  for (size_t g0 = 0; g0 < a.G; g0 += kHeads) {
+    const size_t heads = min_size(kHeads, a.G - g0);
+    size_t g = 0;
+    for (; g + 2 <= heads; g += 2) tile_scores<KV, 2>(a, g0 + g, s + g);
+    if (g < heads) tile_scores<KV, 1>(a, g0 + g, s + g);
+    for (g = 0; g < heads; ++g) correction[g] = softmax_step(a, g0 + g, s[g]);
+    for (size_t d0 = 0; d0 < a.D; d0 += kValueVecs * kLanes) {
+      for (g = 0; g + 2 <= heads; g += 2) tile_values<KV, 2>(a, g0 + g, d0, s + g, correction + g);
+      if (g < heads) tile_values<KV, 1>(a, g0 + g, d0, s + g, correction + g);
+    }
+  }
+}
+
+}  // namespace
+
+void attention_tile_avx2(const AttentionTile& a) {
+  if (a.kv == DType::BF16) attention_tile<DType::BF16>(a);
+  else attention_tile<DType::F32>(a);
 }
 
 }  // namespace q3p

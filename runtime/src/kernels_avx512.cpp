@@ -12,6 +12,8 @@
 // fixed by `in` alone, whatever the tile.
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "kernels_isa.h"
 
 // Several of GCC 12's AVX-512 intrinsics start from an _mm512_undefined_*() vector, which
@@ -106,35 +108,140 @@ float fma_loop_avx512(size_t steps, float seed) {
   return _mm512_reduce_add_ps(acc[0]);
 }
 
-void attention_scores_avx512(const float* q, size_t G, size_t D, const float* k, size_t ld, size_t nk, float scale,
-                             float* scores, size_t lds) {
-  for (size_t j = 0; j < nk; ++j) {
-    const float* key = k + j * ld;
-    for (size_t g = 0; g < G; ++g) {
-      __m512 acc = _mm512_setzero_ps();
-      for (size_t d = 0; d < D; d += kLanes) {
-        const __mmask16 mask = D - d >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + g * D + d), _mm512_maskz_loadu_ps(mask, key + d), acc);
+namespace {
+
+// kernels_generic.cpp's exp_nonpositive, 16 lanes at a time (with FMAs: within an ulp of it).
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 n = _mm512_sub_ps(t, magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __m512i two_n = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(magic)), _mm512_set1_epi32(127)),
+      23);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);  // NaN stays NaN
+  return _mm512_maskz_mul_ps(live, y, _mm512_castsi512_ps(two_n));
+}
+
+inline __mmask16 lanes_below(size_t count) {
+  return count >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
+constexpr size_t kHeads = 8;     // query heads whose scores are held at once
+constexpr size_t kValueVecs = 8; // output vectors of a head held in registers (128 values)
+
+// s[h][j] = scale * (q_h . k_j) for the H heads from g0: lane l sums d = l, l + 16, ... of D, then
+// a tree of the lanes. kKeys keys at a time, so that H x kKeys independent sums are in flight
+// (one key's sum alone waits on its FMAs' latency), each key vector serving the H heads.
+constexpr size_t kKeys = 4;
+
+template <DType KV, int H>
+void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) {
+  constexpr size_t esize = KV == DType::F32 ? 4 : 2;
+  const uint8_t* k = static_cast<const uint8_t*>(a.k);
+  for (size_t j = 0; j < a.nk; j += kKeys) {
+    const uint8_t* key[kKeys];  // past the tile's end, its last key again (not stored)
+    UNROLLED for (size_t i = 0; i < kKeys; ++i) key[i] = k + min_size(j + i, a.nk - 1) * a.ld * esize;
+    __m512 acc[H][kKeys];
+    UNROLLED for (int h = 0; h < H; ++h)
+      UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm512_setzero_ps();
+    for (size_t d = 0; d < a.D; d += kLanes) {
+      const __mmask16 mask = lanes_below(a.D - d);
+      __m512 kv[kKeys];
+      UNROLLED for (size_t i = 0; i < kKeys; ++i) kv[i] = load_weights<KV>(key[i] + d * esize, mask);
+      UNROLLED for (int h = 0; h < H; ++h) {
+        const __m512 qv = _mm512_maskz_loadu_ps(mask, a.q + (g0 + h) * a.D + d);
+        UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm512_fmadd_ps(qv, kv[i], acc[h][i]);
       }
-      scores[g * lds + j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+    UNROLLED for (int h = 0; h < H; ++h)
+      UNROLLED for (size_t i = 0; i < kKeys; ++i)
+        if (j + i < a.nk) s[h][j + i] = _mm512_reduce_add_ps(acc[h][i]) * a.scale;
+  }
+}
+
+// The online softmax step of head g: s becomes exp(s - max), max and sum move on; returns the
+// factor that rescales the head's earlier output.
+inline float softmax_step(const AttentionTile& a, size_t g, float* s) {
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  __m512 top = minus_inf;
+  for (size_t j = 0; j < a.nk; j += kLanes)
+    top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, lanes_below(a.nk - j), s + j));
+  const float tile_max = _mm512_reduce_max_ps(top);
+  const float m = a.max[g] > tile_max ? a.max[g] : tile_max;
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (size_t j = 0; j < a.nk; j += kLanes) {
+    const __mmask16 mask = lanes_below(a.nk - j);
+    const __m512 p = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + j), mv)));
+    _mm512_mask_storeu_ps(s + j, mask, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  const float correction = _mm512_cvtss_f32(exp_nonpositive(_mm512_set1_ps(a.max[g] - m)));  // 0 at first (-inf)
+  a.max[g] = m;
+  a.sum[g] = a.sum[g] * correction + _mm512_reduce_add_ps(sum);
+  return correction;
+}
+
+// out[g] = out[g] * correction[g] + sum_j p[g][j] v_j for the H heads from g0, over the values
+// [d0, d0 + 128): the accumulators stay in registers and each value vector serves the H heads.
+template <DType KV, int H>
+void tile_values(const AttentionTile& a, size_t g0, size_t d0, const float (*p)[kAttentionTile],
+                 const float* correction) {
+  constexpr size_t esize = KV == DType::F32 ? 4 : 2;
+  __mmask16 mask[kValueVecs];
+  UNROLLED for (size_t i = 0; i < kValueVecs; ++i) mask[i] = d0 + i * kLanes < a.D ? lanes_below(a.D - d0 - i * kLanes) : 0;
+  __m512 acc[H][kValueVecs];
+  UNROLLED for (int h = 0; h < H; ++h) {
+    const __m512 c = _mm512_set1_ps(correction[h]);
+    UNROLLED for (size_t i = 0; i < kValueVecs; ++i)
+      acc[h][i] = _mm512_mul_ps(c, _mm512_maskz_loadu_ps(mask[i], a.out + (g0 + h) * a.D + d0 + i * kLanes));
+  }
+  const uint8_t* v = static_cast<const uint8_t*>(a.v) + d0 * esize;
+  for (size_t j = 0; j < a.nk; ++j) {
+    __m512 value[kValueVecs];
+    UNROLLED for (size_t i = 0; i < kValueVecs; ++i)
+      value[i] = load_weights<KV>(v + (j * a.ld + i * kLanes) * esize, mask[i]);
+    UNROLLED for (int h = 0; h < H; ++h) {
+      const __m512 w = _mm512_set1_ps(p[h][j]);
+      UNROLLED for (size_t i = 0; i < kValueVecs; ++i) acc[h][i] = _mm512_fmadd_ps(w, value[i], acc[h][i]);
+    }
+  }
+  UNROLLED for (int h = 0; h < H; ++h)
+    UNROLLED for (size_t i = 0; i < kValueVecs; ++i)
+      _mm512_mask_storeu_ps(a.out + (g0 + h) * a.D + d0 + i * kLanes, mask[i], acc[h][i]);
+}
+
+template <DType KV>
+void attention_tile(const AttentionTile& a) {
+  alignas(64) float s[kHeads][kAttentionTile];
+  float correction[kHeads];
+  for (size_t g0 = 0; g0 < a.G; g0 += kHeads) {
+    const size_t heads = min_size(kHeads, a.G - g0);
+    size_t g = 0;
+    for (; g + 2 <= heads; g += 2) tile_scores<KV, 2>(a, g0 + g, s + g);
+    if (g < heads) tile_scores<KV, 1>(a, g0 + g, s + g);
+    for (g = 0; g < heads; ++g) correction[g] = softmax_step(a, g0 + g, s[g]);
+    for (size_t d0 = 0; d0 < a.D; d0 += kValueVecs * kLanes) {
+      for (g = 0; g + 2 <= heads; g += 2) tile_values<KV, 2>(a, g0 + g, d0, s + g, correction + g);
+      if (g < heads) tile_values<KV, 1>(a, g0 + g, d0, s + g, correction + g);
     }
   }
 }
 
-void attention_values_avx512(const float* p, size_t lds, size_t G, const float* v, size_t ld, size_t nk, size_t D,
-                             float* out) {
-  for (size_t j = 0; j < nk; ++j) {
-    const float* value = v + j * ld;
-    for (size_t g = 0; g < G; ++g) {
-      const __m512 weight = _mm512_set1_ps(p[g * lds + j]);
-      float* o = out + g * D;
-      for (size_t d = 0; d < D; d += kLanes) {
-        const __mmask16 mask = D - d >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
-        _mm512_mask_storeu_ps(o + d, mask, _mm512_fmadd_ps(weight, _mm512_maskz_loadu_ps(mask, value + d),
-                                                           _mm512_maskz_loadu_ps(mask, o + d)));
-      }
-    }
-  }
+}  // namespace
+
+void attention_tile_avx512(const AttentionTile& a) {
+  if (a.kv == DType::BF16) attention_tile<DType::BF16>(a);
+  else attention_tile<DType::F32>(a);
 }
 
 }  // namespace q3p

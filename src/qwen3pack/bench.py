@@ -6,6 +6,8 @@ tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank):
 - load time and time to first token of a 16-token prompt right after the load (page cache warm);
 - prefill tokens/s of a 512-token prompt; decode tokens/s over 128 tokens at batch 1, and in all
   at batch 4 and 16 (one token per sequence per step);
+- decode tokens/s over 32 tokens from position 2000 (tp 1, 2 threads), with the KV cache in f32
+  and in bf16: at long context, attention reads the cache as much as the weights;
 - this machine's memory read bandwidth (numpy, same threads, the best read of the run) and decode
   at batch 1 as a share of that roofline (every weight byte read once per token); the peak f32
   FMA rate of the threads (a register-only loop) and prefill as a share of it (2 flops per
@@ -52,15 +54,17 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
 RUNS = [(1, 1), (1, 2), (2, 2)]  # (tp, threads)
 Q8_THREADS = (1, 2)  # q8 at tp 1
 BATCHES = (1, 4, 16)
+LONG_CONTEXT_THREADS = 2  # at tp 1
+KV_DTYPES = ("f32", "bf16")
 
 
 def plan(quick):
     """Sizes of the measurements: the issue's, or tiny ones for --quick."""
     if quick:
-        return dict(prompt=16, prefill=24, decode=4, bandwidth_bytes=1 << 24, fma_seconds=0.01,
-                    accuracy_prompts=2, accuracy_tokens=8)
-    return dict(prompt=16, prefill=512, decode=128, bandwidth_bytes=1 << 30, fma_seconds=0.2,
-                accuracy_prompts=8, accuracy_tokens=64)
+        return dict(prompt=16, prefill=24, decode=4, long_context=40, long_decode=4, bandwidth_bytes=1 << 24,
+                    fma_seconds=0.01, accuracy_prompts=2, accuracy_tokens=8)
+    return dict(prompt=16, prefill=512, decode=128, long_context=2000, long_decode=32, bandwidth_bytes=1 << 30,
+                fma_seconds=0.2, accuracy_prompts=8, accuracy_tokens=64)
 
 
 def model_shape(size, configs_dir, quick):
@@ -84,14 +88,14 @@ def seconds(run):
 # The runtime
 
 
-def bench_runtime(directory, threads, p, rng):
+def bench_runtime(directory, threads, p, rng, kv_dtype="f32"):
     """One measurement of every runtime figure for the converted model in `directory`."""
     from . import load
     vocab = formats.open(directory).model["vocab_size"]
     ids = rng.integers(0, vocab, p["prefill"]).tolist()
     context = p["prefill"] + p["decode"] + 1
     started = time.perf_counter()
-    model = load(directory, threads=threads, max_context=context)
+    model = load(directory, threads=threads, max_context=context, kv_dtype=kv_dtype)
     load_s = time.perf_counter() - started
     with model:
         next(iter(model.generate(ids[:p["prompt"]], max_new_tokens=1, stop_token_ids=[])))
@@ -129,6 +133,18 @@ def summarize(tp, threads, got, weight_bytes, bandwidth, flops_per_token, peak):
                 ttft_s=median([g["ttft_s"] for g in got]), prefill_tok_s=prefill, decode_tok_s=decode,
                 decode_of_roofline=decode[1] * weight_bytes / bandwidth[threads],
                 prefill_of_fma_peak=prefill * flops_per_token / peak[threads])
+
+
+def bench_long_context(converted, p, rng, kv_dtype):
+    """Decode tokens/s at batch 1 from position p["long_context"] (the prompt before it untimed)."""
+    from . import load
+    vocab = formats.open(converted[1]).model["vocab_size"]
+    ids = rng.integers(0, vocab, p["long_context"] + p["long_decode"]).tolist()
+    with load(converted[1], threads=LONG_CONTEXT_THREADS, max_context=len(ids), kv_dtype=kv_dtype) as model:
+        session = model.session()
+        session.append(ids[:p["long_context"]])
+        steps = ids[p["long_context"]:]
+        return len(steps) / seconds(lambda: [session.append([token]) for token in steps])
 
 
 def matrix_weights(config):
@@ -302,15 +318,18 @@ def run(args):
         peak = {t: t * _core.fma_peak_flops(isa, p["fma_seconds"]) for t in threads_used}
         samples = {run: [] for run in RUNS}
         q8_samples = {t: [] for t in Q8_THREADS}
+        long_context = {kv: [] for kv in KV_DTYPES}
         baselines = {name: {t: [] for t in threads_used} for name in ("transformers", "llama.cpp")}
         bandwidth = {t: [] for t in threads_used}
         over_mpi, all_reduce_threads = [], []
         for repeat in range(args.repeats):
             log(args, f"round {repeat + 1} of {args.repeats} ...")
             for tp, threads in RUNS:
-                samples[(tp, threads)].append(bench_runtime(converted[tp], threads, p, rng))
+                samples[(tp, threads)].append(bench_runtime(converted[tp], threads, p, rng, args.kv_dtype))
                 if tp == 1:  # q8 right after bf16 at the same threads: the same load on the machine
-                    q8_samples[threads].append(bench_runtime(q8_dir, threads, p, rng))
+                    q8_samples[threads].append(bench_runtime(q8_dir, threads, p, rng, args.kv_dtype))
+            for kv in KV_DTYPES:
+                long_context[kv].append(bench_long_context(converted, p, rng, kv))
             for t in threads_used:
                 bandwidth[t].append(memory_bandwidth(t, p["bandwidth_bytes"]))
                 if not args.no_transformers:
@@ -355,7 +374,10 @@ def run(args):
             model=dict(size="tiny (--quick)" if args.quick else args.size, layers=config["num_hidden_layers"],
                        weight_bytes=weight_bytes, flops_per_token=flops_per_token),
             machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak, read_bandwidth_bytes_s=bandwidth),
-            sizes=p, repeats=args.repeats, runs=runs, q8=q8, conversion=conversion, mpi=mpi, **baseline_results)
+            sizes=p, repeats=args.repeats, kv_dtype=args.kv_dtype, runs=runs, q8=q8,
+            long_context=dict(position=p["long_context"], tp=1, threads=LONG_CONTEXT_THREADS,
+                              decode_tok_s={kv: median(v) for kv, v in long_context.items()}),
+            conversion=conversion, mpi=mpi, **baseline_results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -372,7 +394,7 @@ def ratio(ours, theirs):
 def print_table(r):
     m, mach, p = r["model"], r["machine"], r["sizes"]
     print(f"model: Qwen3-{m['size']} shapes, {m['layers']} layers, bf16, {m['weight_bytes'] / 1e9:.2f} GB of weights; "
-          f"kernels: {mach['isa']}; {mach['cpus']} CPUs; medians of {r['repeats']}")
+          f"kernels: {mach['isa']}; KV cache {r['kv_dtype']}; {mach['cpus']} CPUs; medians of {r['repeats']}")
     for t, bw in mach["read_bandwidth_bytes_s"].items():
         print(f"machine, {t} thread(s): read bandwidth {bw / 1e9:.1f} GB/s (decode roofline "
               f"{bw / m['weight_bytes']:.1f} tokens/s); FMA peak {mach['fma_peak_flops'][t] / 1e9:.0f} GFLOP/s "
@@ -384,6 +406,10 @@ def print_table(r):
         print(f"{x['tp']:>2} {x['threads']:>3} {x['load_s']:>7.2f} {x['ttft_s']:>7.2f} {x['prefill_tok_s']:>8.1f} "
               f"{x['prefill_of_fma_peak']:>6.0%} " + " ".join(f"{x['decode_tok_s'][b]:>10.1f}" for b in BATCHES)
               + f" {x['decode_of_roofline']:>6.0%}")
+    lc = r["long_context"]
+    f32, bf16 = lc["decode_tok_s"]["f32"], lc["decode_tok_s"]["bf16"]
+    print(f"decode from position {lc['position']} (tp {lc['tp']}, {lc['threads']} threads): KV cache f32 {f32:.1f}, "
+          f"bf16 {bf16:.1f} tokens/s (bf16 {ratio(bf16, f32)})")
     for name in ("transformers", "llama.cpp"):
         if not r[name]:
             print(f"\n{name}: not found" if name == "llama.cpp" else f"\n{name}: not installed (make test installs it)")
@@ -426,6 +452,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint", help="a bf16 checkpoint directory to take instead of making one")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="f32",
+                        help="the KV cache of the runs of the table (the long-context line measures both)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--quick", action="store_true", help="a tiny model and few tokens: checks that it runs")
     parser.add_argument("--mpi-process", metavar="DIR", help=argparse.SUPPRESS)  # a process of bench_mpi's run

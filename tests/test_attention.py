@@ -1,0 +1,211 @@
+"""Attention in tiles with an online softmax, for every instruction set this machine runs
+(QWEN3PACK_ISA), against a plain numpy softmax; the same bits for a token whatever its batch; and
+the bf16 KV cache: what it costs in accuracy, and that it halves the cache."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qwen3pack import _core, runtime
+from qwen3pack.convert import convert
+from qwen3pack.testing import make_checkpoint
+
+ISAS = _core.supported_isas()
+TILE = _core.ATTENTION_TILE
+
+
+def reference_attention(q, k, v, scale):
+    """softmax(scale q k^T) v in float64, over all the keys at once."""
+    scores = scale * (q.astype(np.float64) @ k.astype(np.float64).T)
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)) @ v.astype(np.float64)
+
+
+def as_bf16(x):
+    """(bit patterns, the float64 values they hold)."""
+    half = x.astype(ml_dtypes.bfloat16)
+    return half.view(np.uint16), half.astype(np.float64)
+
+
+# (query heads G, head dim D, keys n, position of the first key): D and n are not multiples of the
+# vector width (8, 16) or of the tile; a first position off the tile grid is a sliding window whose
+# first tile is cut, and a key count past it ends on a partial tile.
+ODD_SHAPES = [(1, 1, 1, 0), (2, 128, 1, 5), (2, 128, 200, 0), (3, 24, TILE + 1, TILE - 1), (5, 129, 130, 37),
+              (1, 17, 3 * TILE, 0), (9, 40, 65, 100), (4, 7, 2, 63), (2, 256, 150, 1)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
+@pytest.mark.parametrize("G,D,n,first", ODD_SHAPES)
+def test_attention_matches_a_plain_softmax_on_odd_sizes(isa, kv_dtype, G, D, n, first):
+    rng = np.random.default_rng(G * 1000 + D + n)
+    q = rng.standard_normal((G, D), dtype=np.float32) * np.float32(3)  # peaked: the running max moves
+    ld = D + 3  # rows of the cache hold other KV heads too
+    k = rng.standard_normal((n, ld), dtype=np.float32)
+    v = rng.standard_normal((n, ld), dtype=np.float32)
+    scale = D ** -0.5
+    if kv_dtype == "bf16":
+        (k, exact_k), (v, exact_v) = as_bf16(k), as_bf16(v)
+    else:
+        exact_k, exact_v = k, v
+    want = reference_attention(q, exact_k[:, :D], exact_v[:, :D], scale)
+    got = _core.attention(q, k, v, kv_dtype, first, scale, isa)
+    assert got.shape == (G, D) and got.dtype == np.float32
+    # Softmax weights within a few f32 ulps each, outputs averages of values of order 1.
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_one_dominant_key_in_a_late_tile_rescales_the_earlier_tiles(isa):
+    # The first tiles' outputs were summed against a smaller running max; the late key's score
+    # is 80 above the others: their weight falls to exp(-80), and the output is its value.
+    D, n = 32, 3 * TILE + 5
+    q = np.zeros((1, D), dtype=np.float32)
+    q[0, 0] = 1.0
+    k = np.zeros((n, D), dtype=np.float32)
+    k[-2, 0] = 80.0
+    v = np.arange(n * D, dtype=np.float32).reshape(n, D) / np.float32(n * D)
+    got = _core.attention(q, k, v, "f32", 0, 1.0, isa)
+    np.testing.assert_allclose(got[0], v[-2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_querys_result_depends_only_on_its_own_keys_and_tiles(isa):
+    # The engine cuts tiles at multiples of the tile size in absolute positions: the same keys at
+    # the same positions give the same bits, however they are read.
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 64), dtype=np.float32)
+    k = rng.standard_normal((150, 64), dtype=np.float32)
+    v = rng.standard_normal((150, 64), dtype=np.float32)
+    a = _core.attention(q, k, v, "f32", 30, 0.125, isa)
+    assert np.array_equal(a, _core.attention(q, k.copy(), v.copy(), "f32", 30, 0.125, isa))
+    for g in range(2):  # a head alone or with the other heads of its group
+        assert np.array_equal(_core.attention(q[g:g + 1], k, v, "f32", 30, 0.125, isa)[0], a[g])
+
+
+def test_bf16_rounding_is_to_nearest_even_as_ml_dtypes():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.standard_normal(10000, dtype=np.float32) * np.float32(100),
+                        np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-40, 1.00390625, 1.01171875],
+                                 dtype=np.float32)])  # the last two: ties, to even down and up
+    np.testing.assert_array_equal(_core.to_bf16(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert np.isnan(_core.to_bf16(np.array([np.nan], dtype=np.float32)).view(ml_dtypes.bfloat16)[0])
+
+
+def test_attention_checks_its_arguments():
+    q = np.ones((2, 8), dtype=np.float32)
+    with pytest.raises(ValueError, match="must be"):
+        _core.attention(q, np.ones((3, 7), dtype=np.float32), np.ones((3, 7), dtype=np.float32), "f32", 0, 1.0, "")
+    with pytest.raises(ValueError, match="kv_dtype"):
+        _core.attention(q, np.ones((3, 8), dtype=np.uint16), np.ones((3, 8), dtype=np.uint16), "f16", 0, 1.0, "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: several tiles, sliding layers whose ring wraps inside a tile
+
+
+LONG = 3 * TILE + 11  # positions of the sequences below
+
+
+@pytest.fixture(scope="module")
+def sliding_model(tmp_path_factory):
+    """Full and sliding layers (window 37: the ring wraps inside a tile), 4 query heads on 2 KV heads."""
+    source = make_checkpoint(tmp_path_factory.mktemp("hf"), num_hidden_layers=3, use_sliding_window=True,
+                             sliding_window=37, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    out = tmp_path_factory.mktemp("q3p") / "model"
+    convert(source, out, tp=1)
+    return out
+
+
+def ids_of(n, seed):
+    return np.random.default_rng(seed).integers(0, 384, n).tolist()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
+def test_a_token_gets_the_same_bits_in_prefill_decode_and_any_batch(monkeypatch, sliding_model, isa, kv_dtype):
+    monkeypatch.setenv("QWEN3PACK_ISA", isa)
+    ids = ids_of(LONG, 5)
+    with runtime.load(sliding_model, threads=2, kv_dtype=kv_dtype) as m:
+        prefill = m.logits(ids)
+        decode = m.session()
+        for i, token in enumerate(ids):
+            assert np.array_equal(decode.append([token]), prefill[i]), i
+        chunked = m.session()
+        for start in range(0, LONG, 50):
+            got = chunked._core.append(np.array(ids[start:start + 50], dtype=np.int32), True)
+            assert np.array_equal(got, prefill[start:start + 50])
+        # In one batch with a longer prefill and a decode at another position.
+        other = m.session()
+        other.append(ids_of(100, 6))
+        a, b = m.session(), m.session()
+        a.append(ids[:-1])
+        got = m.append_batch([a, other, b], [ids[-1:], [7], ids_of(90, 7)])
+        assert np.array_equal(got[0], prefill[-1])
+
+
+@pytest.fixture(scope="module")
+def measured(sliding_model):
+    """Next-token distributions of the f32 and bf16 caches over the same 250 tokens: the f32
+    cache's greedy continuation of a 20-token prompt, fed to both."""
+    prompt = ids_of(20, 8)
+    with runtime.load(sliding_model, threads=2) as m:
+        ids = prompt + list(m.generate(prompt, max_new_tokens=230))
+        f32 = m.logits(ids)
+        f32_bytes = m.session()
+        f32_bytes.append(ids)
+        f32_bytes = f32_bytes.kv_cache_bytes
+    with runtime.load(sliding_model, threads=2, kv_dtype="bf16") as m:
+        assert m.kv_dtype == "bf16"
+        bf16 = m.logits(ids)
+        s = m.session()
+        s.append(ids)
+        bf16_bytes = s.kv_cache_bytes
+    return f32.astype(np.float64), bf16.astype(np.float64), f32_bytes, bf16_bytes
+
+
+def log_softmax(x):
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def test_the_bf16_kv_cache_stays_close_to_f32(measured):
+    # Measured on this model (see the README): mean KL 2.0e-6, top-1 agreement 100%, largest
+    # logit error 0.047 (0.18% of the largest logit, 25.4). The bounds leave 2.5-5x of room.
+    f32, bf16, _, _ = measured
+    assert np.abs(f32).max() > 10.0
+    lp, lq = log_softmax(f32), log_softmax(bf16)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    assert kl.mean() < 1e-5
+    assert np.abs(f32 - bf16).max() < 0.005 * np.abs(f32).max()
+    assert (f32.argmax(axis=1) == bf16.argmax(axis=1)).mean() >= 0.99
+    assert np.abs(f32 - bf16).max() > 0  # the keys and values really are rounded
+
+
+def test_the_bf16_kv_cache_holds_half_the_bytes(measured):
+    _, _, f32_bytes, bf16_bytes = measured
+    # 3 layers x (K + V) x 2 KV heads x 32 values, f32: full layer up to its grown size, rings of 37.
+    assert f32_bytes >= LONG * 2 * 2 * 32 * 4
+    assert bf16_bytes * 2 == f32_bytes
+
+
+def test_bf16_sessions_fork_truncate_and_reset(sliding_model):
+    ids = ids_of(120, 9)
+    with runtime.load(sliding_model, threads=1, kv_dtype="bf16") as m:
+        want = m.logits(ids)
+        s = m.session()
+        s.append(ids[:100])
+        f = s.fork()
+        np.testing.assert_array_equal(f.append(ids[100:]), want[-1])
+        np.testing.assert_array_equal(s.append(ids[100:101]), want[100])
+        s.truncate(s.position - 1)  # within the window: allowed
+        np.testing.assert_array_equal(s.append(ids[100:101]), want[100])
+        s.reset()
+        np.testing.assert_array_equal(s.append(ids[:10]), want[9])
+
+
+def test_kv_dtype_is_checked_at_load(sliding_model):
+    for bad in ("f16", "fp32", "BF16", None):
+        with pytest.raises(ValueError, match=r"kv_dtype must be one of \('f32', 'bf16'\)"):
+            runtime.load(sliding_model, kv_dtype=bad)
+    with runtime.load(sliding_model, threads=1) as m:
+        assert m.kv_dtype == "f32" and "kv_dtype=f32" in repr(m)
