@@ -148,7 +148,7 @@ class DrivingEngine:
         self._next_session = 0
         self._dropped = []  # sessions gone here, dropped by the followers with the next step
         for name in ("vocab_size", "max_context", "world_size", "threads", "threads_per_rank", "isa",
-                     "first_rank", "local_ranks"):
+                     "first_rank", "local_ranks", "kv_dtype"):
             setattr(self, name, getattr(engine, name))
 
     @property
@@ -203,6 +203,10 @@ class DrivingSession:
     @property
     def position(self):
         return self._core.position
+
+    @property
+    def kv_cache_bytes(self):
+        return self._core.kv_cache_bytes
 
     def append(self, ids, all_logits=False):
         return self._driver.forward([self], [ids], [all_logits])[0]

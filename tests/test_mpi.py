@@ -112,6 +112,33 @@ def test_logits_and_greedy_tokens_over_mpi_equal_the_threads_backend_bit_for_bit
     assert report["maps"] == {str(p): files[p * ranks_per_process:(p + 1) * ranks_per_process] for p in range(2)}
 
 
+Q8_BF16_CACHE = """
+    import sys
+    import numpy as np
+    import qwen3pack
+    directory, out = sys.argv[1], sys.argv[2]
+    model = qwen3pack.load(directory, backend="mpi", kv_dtype="bf16", threads=1)
+    session = model.session()
+    steps = [session.append(list(range(1, 10)))] + [session.append([t]) for t in (11, 12, 13)]
+    np.savez(out + "/logits.npz", steps=np.stack(steps), kv_cache_bytes=session.kv_cache_bytes)
+"""
+
+
+@needs_mpi
+def test_q8_weights_and_a_bf16_kv_cache_over_mpi_equal_the_threads_backend_bit_for_bit(checkpoints, tmp_path):
+    directory = tmp_path / "q8"
+    convert(checkpoints(seed=5), directory, tp=2, dtype="q8")
+    result = run_script(tmp_path, Q8_BF16_CACHE, directory, tmp_path)
+    assert result.returncode == 0, result.stderr
+    over_mpi = np.load(tmp_path / "logits.npz")
+    with qwen3pack.load(directory, threads=2, kv_dtype="bf16") as model:
+        session = model.session()
+        steps = [session.append(list(range(1, 10)))] + [session.append([t]) for t in (11, 12, 13)]
+        assert np.array_equal(over_mpi["steps"], np.stack(steps))
+        # process 0's cache holds its own rank's KV heads: half of the threads backend's two ranks
+        assert int(over_mpi["kv_cache_bytes"]) * 2 == session.kv_cache_bytes
+
+
 @needs_mpi
 def test_cli_generate_over_mpi_prints_the_text_of_the_threads_backend(models):
     directory = models(2)
