@@ -312,9 +312,11 @@ std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::
 // W holds the raw values of dtype `dtype` (f32, or the 16-bit patterns of bf16/f16).
 FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
                            nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> w, const std::string& dtype,
-                           const std::string& isa) {
+                           const std::string& isa, const std::string& activations) {
   q3p::DType dt;
   if (!q3p::parse_dtype(dtype, &dt)) throw q3p::UsageError("unknown dtype " + dtype);
+  if (activations != "f32" && (activations != "bf16" || dt != q3p::DType::BF16))
+    throw q3p::UsageError("activations must be 'f32', or 'bf16' for bf16 weights, got '" + activations + "'");
   const size_t n = x.shape(0), in = x.shape(1), out = w.shape(0);
   if (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt))
     throw q3p::UsageError("w must be [out, in] of " + dtype + " values");
@@ -326,15 +328,23 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
   a.out = out;
   a.w = w.data();
   a.dt = dt;
+  std::vector<uint16_t> x_bf16;
+  if (activations == "bf16") {
+    x_bf16.resize(n * in);
+    q3p::to_bf16(x.data(), x_bf16.data(), n * in);
+    a.x_bf16 = x_bf16.data();
+  }
   std::vector<float> y(n * out);
   a.y = y.data();
   kernel.matmul(a, 0, out);
   return make_array(std::move(y), {n, out});
 }
 
-double fma_peak_flops(const std::string& isa, double seconds) {
+double fma_peak_flops(const std::string& isa, double seconds, const std::string& activations) {
   const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
-  return without_gil([&] { return q3p::fma_peak_flops(kernel.isa, seconds); });
+  if (activations != "f32" && activations != "bf16")
+    throw q3p::UsageError("activations must be 'f32' or 'bf16', got '" + activations + "'");
+  return without_gil([&] { return q3p::fma_peak_flops(kernel.isa, activations == "bf16", seconds); });
 }
 
 std::vector<std::string> supported_isas() {
@@ -355,10 +365,12 @@ NB_MODULE(_core, m) {
   m.def("rename_exchange", &q3p::rename_exchange, nb::arg("a"), nb::arg("b"),
         "renameat2(RENAME_EXCHANGE): swaps two paths atomically; 0, or the errno.");
   m.def("supported_isas", &supported_isas, "The matrix kernels' instruction sets this machine runs, generic first.");
-  m.def("fma_peak_flops", &fma_peak_flops, "isa"_a = "", "seconds"_a = 0.2,
-        "f32 FMA operations per second of one thread from registers (isa: QWEN3PACK_ISA's names, '' the best).");
-  m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a,
-        "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns).");
+  m.def("fma_peak_flops", &fma_peak_flops, "isa"_a = "", "seconds"_a = 0.2, "activations"_a = "f32",
+        "f32 FMA operations per second of one thread from registers (isa: QWEN3PACK_ISA's names, '' the best); "
+        "activations='bf16': of the bf16 dot product the kernels use for them (vdpbf16ps), where they use one.");
+  m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a, "activations"_a = "f32",
+        "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns; "
+        "activations='bf16': x rounded to bf16 first, as load(..., activations='bf16') does).");
 
   nb::exception<q3p::FormatError>(m, "FormatError", PyExc_ValueError);
   nb::exception<q3p::UsageError>(m, "UsageError", PyExc_ValueError);
@@ -391,7 +403,7 @@ NB_MODULE(_core, m) {
   nb::class_<EngineHandle>(m, "Engine", "The model's rank files, mapped and checked, and the threads computing them.")
       .def("__init__",
            [](EngineHandle* self, nb::dict model, nb::dict layout, nb::list ranks, int threads, int64_t max_context,
-              bool verify_crc) {
+              bool verify_crc, bool bf16_activations) {
              q3p::ModelConfig mc = parse_model(model);
              q3p::Layout lc = parse_layout(layout);
              std::vector<q3p::RankSource> sources;
@@ -400,10 +412,12 @@ NB_MODULE(_core, m) {
              opt.threads = threads;
              opt.max_context = max_context;
              opt.verify_crc = verify_crc;
+             opt.bf16_activations = bf16_activations;
              auto engine = without_gil([&] { return std::make_shared<q3p::Engine>(mc, lc, sources, opt); });
              new (self) EngineHandle{std::move(engine)};
            },
-           "model"_a, "layout"_a, "ranks"_a, "threads"_a, "max_context"_a, "verify_crc"_a)
+           "model"_a, "layout"_a, "ranks"_a, "threads"_a, "max_context"_a, "verify_crc"_a,
+           "bf16_activations"_a = false)
       .def("close",
            [](EngineHandle& h) {
              if (!h.engine) return;
@@ -417,6 +431,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("threads", [](const EngineHandle& h) { return h.get().threads(); })
       .def_prop_ro("threads_per_rank", [](const EngineHandle& h) { return h.get().threads_per_rank(); })
       .def_prop_ro("isa", [](const EngineHandle& h) { return std::string(h.get().isa()); })
+      .def_prop_ro("activations", [](const EngineHandle& h) { return h.get().bf16_activations() ? "bf16" : "f32"; })
       .def("new_session",
            [](const EngineHandle& h) {
              auto s = std::make_unique<Session>();

@@ -25,7 +25,11 @@ std::once_flag fork_handler_registered;
 
 Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector<RankSource>& ranks,
                const EngineOptions& options)
-    : model_(model), layout_(layout), max_context_(options.max_context), id_(next_engine_id++) {
+    : model_(model),
+      layout_(layout),
+      max_context_(options.max_context),
+      bf16_activations_(options.bf16_activations),
+      id_(next_engine_id++) {
   std::call_once(fork_handler_registered, [] { pthread_atfork(nullptr, nullptr, count_fork_in_child); });
   forks_at_creation_ = forks_as_child.load();
   validate_model(model_);
@@ -39,6 +43,8 @@ Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector
     throw UsageError("max_context = " + std::to_string(max_context_) + " is out of range [1, 16777216]");
   if (options.threads < 1) throw UsageError("threads must be >= 1");
   threads_per_rank_ = std::max(1, options.threads / static_cast<int>(W));
+  if (bf16_activations_ && layout_.dtype != DType::BF16)
+    throw UsageError("activations='bf16' needs bf16 weights; this model's are " + std::string(dtype_name(layout_.dtype)));
   kernels_ = select_kernels(std::getenv("QWEN3PACK_ISA"));
 
   files_.reserve(static_cast<size_t>(W));
@@ -207,6 +213,7 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.sel.resize(S * H);
     w.logits.resize(S * V);
     w.scores.resize(T * (Nq / Nkv) * static_cast<size_t>(max_keys));
+    if (bf16_activations_) w.x_bf16.resize(N * std::max({H, Nq * D, I}));
   }
   gathered_.resize(W * S * V);
   comm_->reserve(N * H);
@@ -257,6 +264,11 @@ void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, flo
   a.w = w.data;
   a.dt = w.dtype;
   a.y = y;
+  if (bf16_activations_) {  // rounded once here, for all the threads' rows
+    uint16_t* x_bf16 = work_[static_cast<size_t>(rank)].x_bf16.data();
+    parallel_for(pool, n, [&](int, size_t b, size_t e) { to_bf16(x + b * a.in, x_bf16 + b * a.in, (e - b) * a.in); });
+    a.x_bf16 = x_bf16;
+  }
   // Each thread computes a contiguous range of rows: it streams its own part of W.
   parallel_for(pool, a.out, [&](int, size_t b, size_t e) { kernels_.matmul(a, b, e); });
 }

@@ -11,13 +11,18 @@ namespace q3p {
 // dst[i] = src[i] as f32, for n elements of dtype `dt`.
 void to_f32(const void* src, DType dt, float* dst, size_t n);
 
+// dst[i] = the bf16 bits of src[i] rounded to nearest even (NaN stays NaN), for n elements.
+void to_bf16(const float* src, uint16_t* dst, size_t n);
+
 // sum_i a[i] * b[i], with 16 partial sums in a fixed order.
 float dot_f32(const float* a, const float* b, size_t n);
 
 // y = x W^T: y[t * out + o] = sum_i x[t * in + i] * W[o, i] for t in [0, n), o in [0, out).
-// W is [out, in] row-major with dtype `dt`; the sums are in f32.
+// W is [out, in] row-major with dtype `dt`; the sums are in f32. When x_bf16 is set (bf16 W only:
+// load(..., activations="bf16")), x is read from there, rounded to bf16 by to_bf16, and x is unused.
 struct MatmulArgs {
   const float* x = nullptr;
+  const uint16_t* x_bf16 = nullptr;
   size_t n = 0, in = 0, out = 0;
   const void* w = nullptr;
   DType dt = DType::F32;
@@ -51,7 +56,9 @@ Kernels select_kernels(const char* forced);
 
 // Floating-point operations per second of one thread running independent f32 FMAs of `isa`
 // from registers only (the FMA peak the matrix kernels approach), timed over about `seconds`.
-double fma_peak_flops(Isa isa, double seconds);
+// bf16_activations: the peak of the instruction the kernels use for activations rounded to bf16
+// instead (vdpbf16ps where the AVX-512 CPU has it: 2 products per f32 lane).
+double fma_peak_flops(Isa isa, bool bf16_activations, double seconds);
 
 // y = x * rsqrt(mean(x^2) + eps) * w, over n elements (x and y may alias).
 void rmsnorm(const float* x, const float* w, float eps, float* y, size_t n);
