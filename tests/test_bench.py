@@ -6,7 +6,7 @@ import pytest
 
 from qwen3pack import bench
 
-RUN_FIELDS = {"tp", "threads", "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_of_roofline",
+RUN_FIELDS = {"tp", "threads", "activations", "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_of_roofline",
               "prefill_of_fma_peak"}
 
 
@@ -16,13 +16,14 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     printed = json.loads(capsys.readouterr().out)
     assert printed["runs"] and set(printed) >= {"model", "machine", "sizes", "runs", "conversion", "transformers",
                                                  "llama.cpp"}
-    assert [(r["tp"], r["threads"]) for r in printed["runs"]] == [(1, 1), (1, 2), (2, 2)]
+    assert [(r["tp"], r["threads"], r["activations"]) for r in printed["runs"]] == [
+        (1, 1, "f32"), (1, 2, "f32"), (2, 2, "f32"), (1, 1, "bf16"), (1, 2, "bf16")]
     for run in printed["runs"]:
         assert set(run) == RUN_FIELDS
         assert set(run["decode_tok_s"]) == {"1", "4", "16"}
         assert all(v > 0 for v in run["decode_tok_s"].values())
     assert set(printed["machine"]["read_bandwidth_bytes_s"]) == {"1", "2"}
-    assert set(printed["machine"]["fma_peak_flops"]) == {"1", "2"}
+    assert set(printed["machine"]["fma_peak_flops"]) == set(printed["machine"]["bf16_peak_flops"]) == {"1", "2"}
     assert set(printed["conversion"]) == {"bytes", "tp", "convert_s", "cp_sync_s", "convert_over_cp", "validate_gb_s"}
     assert set(printed["transformers"]) == {"1", "2"}
     assert set(printed["transformers"]["1"]) == {"prefill_tok_s", "decode_tok_s"}
@@ -30,7 +31,7 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
 
     bench.print_table(results)
     table = capsys.readouterr().out
-    for line in ("read bandwidth", "FMA peak", "decode b16", "transformers (tokens/s)", "llama.cpp: not found",
+    for line in ("read bandwidth", "FMA peak", "with bf16 activations", "decode b16", "transformers (tokens/s)", "llama.cpp: not found",
                  "convert/cp"):
         assert line in table
 

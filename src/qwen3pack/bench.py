@@ -2,14 +2,16 @@
 
 A checkpoint with the real shapes of Qwen3-0.6B (or 1.7B: --size 1.7b), taken from the configs in
 tests/fixtures/configs/ and filled with random bf16 weights (or --checkpoint DIR), converted at
-tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank):
+tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank), with f32
+activations, and at tp 1 with 1 and 2 threads with activations rounded to bf16 (load(...,
+activations="bf16")):
 - load time and time to first token of a 16-token prompt right after the load (page cache warm);
 - prefill tokens/s of a 512-token prompt; decode tokens/s over 128 tokens at batch 1, and in all
   at batch 4 and 16 (one token per sequence per step);
 - this machine's memory read bandwidth (numpy, same threads, the best read of the run) and decode
   at batch 1 as a share of that roofline (every weight byte read once per token); the peak f32
   FMA rate of the threads (a register-only loop) and prefill as a share of it (2 flops per
-  weight per token);
+  weight per token), or for bf16 activations the peak of the bf16 dot product (vdpbf16ps);
 - transformers (torch CPU, bf16, same threads, same weights): prefill and decode, as ratios;
 - llama.cpp's llama-bench on the same weights when LLAMA_BENCH names it (the GGUF made by the
   convert_hf_to_gguf.py of LLAMA_CPP_DIR), as ratios; otherwise "llama.cpp: not found";
@@ -39,7 +41,7 @@ from .testing import make_checkpoint
 SIZES = {"0.6b": "Qwen3-0.6B.json", "1.7b": "Qwen3-1.7B.json"}
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps")
-RUNS = [(1, 1), (1, 2), (2, 2)]  # (tp, threads)
+RUNS = [(1, 1, "f32"), (1, 2, "f32"), (2, 2, "f32"), (1, 1, "bf16"), (1, 2, "bf16")]  # (tp, threads, activations)
 BATCHES = (1, 4, 16)
 
 
@@ -71,14 +73,14 @@ def seconds(run):
 # The runtime
 
 
-def bench_runtime(converted, tp, threads, p, rng):
-    """One measurement of every runtime figure for (tp, threads)."""
+def bench_runtime(converted, tp, threads, activations, p, rng):
+    """One measurement of every runtime figure for (tp, threads, activations)."""
     from . import load
     vocab = formats.open(converted[tp]).model["vocab_size"]
     ids = rng.integers(0, vocab, p["prefill"]).tolist()
     context = p["prefill"] + p["decode"] + 1
     started = time.perf_counter()
-    model = load(converted[tp], threads=threads, max_context=context)
+    model = load(converted[tp], threads=threads, max_context=context, activations=activations)
     load_s = time.perf_counter() - started
     with model:
         next(iter(model.generate(ids[:p["prompt"]], max_new_tokens=1, stop_token_ids=[])))
@@ -212,15 +214,16 @@ def run(args):
         gguf = llama_cpp_gguf(source, work)
 
         isa = _core.supported_isas()[-1] if not os.environ.get("QWEN3PACK_ISA") else os.environ["QWEN3PACK_ISA"]
-        threads_used = sorted({t for _, t in RUNS})
-        peak = {t: t * _core.fma_peak_flops(isa, p["fma_seconds"]) for t in threads_used}
+        threads_used = sorted({t for _, t, _ in RUNS})
+        peak = {act: {t: t * _core.fma_peak_flops(isa, p["fma_seconds"], act) for t in threads_used}
+                for act in ("f32", "bf16")}
         samples = {run: [] for run in RUNS}
         baselines = {name: {t: [] for t in threads_used} for name in ("transformers", "llama.cpp")}
         bandwidth = {t: [] for t in threads_used}
         for repeat in range(args.repeats):
             log(args, f"round {repeat + 1} of {args.repeats} ...")
-            for tp, threads in RUNS:
-                samples[(tp, threads)].append(bench_runtime(converted, tp, threads, p, rng))
+            for tp, threads, activations in RUNS:
+                samples[(tp, threads, activations)].append(bench_runtime(converted, tp, threads, activations, p, rng))
             for t in threads_used:
                 bandwidth[t].append(memory_bandwidth(t, p["bandwidth_bytes"]))
                 if not args.no_transformers:
@@ -231,14 +234,14 @@ def run(args):
         bandwidth = {t: max(v) for t, v in bandwidth.items()}
         flops_per_token = 2 * matrix_weights(config)
         runs = []
-        for (tp, threads), got in samples.items():
+        for (tp, threads, activations), got in samples.items():
             decode = {b: median([g["decode_tok_s"][b] for g in got]) for b in BATCHES}
             prefill = median([g["prefill_tok_s"] for g in got])
             runs.append(dict(
-                tp=tp, threads=threads, load_s=median([g["load_s"] for g in got]),
+                tp=tp, threads=threads, activations=activations, load_s=median([g["load_s"] for g in got]),
                 ttft_s=median([g["ttft_s"] for g in got]), prefill_tok_s=prefill, decode_tok_s=decode,
                 decode_of_roofline=decode[1] * weight_bytes / bandwidth[threads],
-                prefill_of_fma_peak=prefill * flops_per_token / peak[threads]))
+                prefill_of_fma_peak=prefill * flops_per_token / peak[activations][threads]))
         baseline_results = {}
         for name, by_threads in baselines.items():
             results = {}
@@ -250,7 +253,8 @@ def run(args):
         return dict(
             model=dict(size="tiny (--quick)" if args.quick else args.size, layers=config["num_hidden_layers"],
                        weight_bytes=weight_bytes, flops_per_token=flops_per_token),
-            machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak, read_bandwidth_bytes_s=bandwidth),
+            machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak["f32"], bf16_peak_flops=peak["bf16"],
+                         read_bandwidth_bytes_s=bandwidth),
             sizes=p, repeats=args.repeats, runs=runs, conversion=conversion, **baseline_results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -272,23 +276,27 @@ def print_table(r):
     for t, bw in mach["read_bandwidth_bytes_s"].items():
         print(f"machine, {t} thread(s): read bandwidth {bw / 1e9:.1f} GB/s (decode roofline "
               f"{bw / m['weight_bytes']:.1f} tokens/s); FMA peak {mach['fma_peak_flops'][t] / 1e9:.0f} GFLOP/s "
-              f"(prefill roofline {mach['fma_peak_flops'][t] / m['flops_per_token']:.0f} tokens/s)")
-    head = (f"{'tp':>2} {'thr':>3} {'load s':>7} {'TTFT s':>7} {'prefill':>8} {'of FMA':>7} "
+              f"(prefill roofline {mach['fma_peak_flops'][t] / m['flops_per_token']:.0f} tokens/s), with bf16 "
+              f"activations {mach['bf16_peak_flops'][t] / 1e9:.0f} GFLOP/s")
+    head = (f"{'tp':>2} {'thr':>3} {'act':>4} {'load s':>7} {'TTFT s':>7} {'prefill':>8} {'of peak':>7} "
             + " ".join(f"{'decode b' + str(b):>10}" for b in BATCHES) + f" {'of BW':>6}")
     print(f"\nqwen3pack (tokens/s; prefill of {p['prefill']} tokens, decode over {p['decode']} tokens)\n{head}")
     for x in r["runs"]:
-        print(f"{x['tp']:>2} {x['threads']:>3} {x['load_s']:>7.2f} {x['ttft_s']:>7.2f} {x['prefill_tok_s']:>8.1f} "
+        print(f"{x['tp']:>2} {x['threads']:>3} {x['activations']:>4} {x['load_s']:>7.2f} {x['ttft_s']:>7.2f} {x['prefill_tok_s']:>8.1f} "
               f"{x['prefill_of_fma_peak']:>6.0%} " + " ".join(f"{x['decode_tok_s'][b]:>10.1f}" for b in BATCHES)
               + f" {x['decode_of_roofline']:>6.0%}")
     for name in ("transformers", "llama.cpp"):
         if not r[name]:
             print(f"\n{name}: not found" if name == "llama.cpp" else f"\n{name}: not installed (make test installs it)")
             continue
-        print(f"\n{name} (tokens/s), and qwen3pack at tp 1 over it")
+        print(f"\n{name} (tokens/s), and qwen3pack at tp 1 over it (f32 activations; bf16 activations)")
         for t, theirs in r[name].items():
-            ours = next(x for x in r["runs"] if x["tp"] == 1 and x["threads"] == t)
-            print(f"  {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours {ratio(ours['prefill_tok_s'], theirs['prefill_tok_s'])}), "
-                  f"decode {theirs['decode_tok_s']:.1f} (ours {ratio(ours['decode_tok_s'][1], theirs['decode_tok_s'])})")
+            ours = [next(x for x in r["runs"] if (x["tp"], x["threads"], x["activations"]) == (1, t, act))
+                    for act in ("f32", "bf16")]
+            prefill = "; ".join(ratio(x["prefill_tok_s"], theirs["prefill_tok_s"]) for x in ours)
+            decode = "; ".join(ratio(x["decode_tok_s"][1], theirs["decode_tok_s"]) for x in ours)
+            print(f"  {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours {prefill}), "
+                  f"decode {theirs['decode_tok_s']:.1f} (ours {decode})")
     c = r["conversion"]
     print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s; cp + sync {c['cp_sync_s']:.2f} s; "
           f"convert/cp {c['convert_over_cp']:.2f} (target <= 1.5); validate {c['validate_gb_s']:.2f} GB/s")
