@@ -254,6 +254,16 @@ void Engine::check_finite(const std::vector<float>& logits) const {
                            "): the model's weights hold NaN or Inf values, or its activations overflowed");
 }
 
+namespace {
+// Rows per chunk of a matrix product: about 8 chunks per thread (a slow thread holds the others
+// up by one chunk at most), a multiple of 12 so that the kernels' row tiles (4 or 6) fill each.
+size_t matmul_chunk_rows(size_t rows, size_t threads) {
+  constexpr size_t kAlign = 12, kChunksPerThread = 8;
+  const size_t per = (rows + threads * kChunksPerThread - 1) / (threads * kChunksPerThread);
+  return std::max(kAlign, (per + kAlign - 1) / kAlign * kAlign);
+}
+}  // namespace
+
 void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, float* y) {
   ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
   MatmulArgs a;
@@ -269,8 +279,16 @@ void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, flo
     parallel_for(pool, n, [&](int, size_t b, size_t e) { to_bf16(x + b * a.in, x_bf16 + b * a.in, (e - b) * a.in); });
     a.x_bf16 = x_bf16;
   }
-  // Each thread computes a contiguous range of rows: it streams its own part of W.
-  parallel_for(pool, a.out, [&](int, size_t b, size_t e) { kernels_.matmul(a, b, e); });
+  if (pool.size() == 1) return kernels_.matmul(a, 0, a.out);
+  // Chunks of contiguous rows, taken in order by whichever thread is free: a thread that was
+  // descheduled, or streams slower, leaves the rest to the others instead of holding them at the
+  // join. Each row's value is the same whichever thread computes it (kernels.h).
+  const size_t chunk = matmul_chunk_rows(a.out, static_cast<size_t>(pool.size()));
+  std::atomic<size_t> next{0};
+  pool.run(pool.size(), [&](int) {
+    for (size_t b = next.fetch_add(chunk); b < a.out; b = next.fetch_add(chunk))
+      kernels_.matmul(a, b, std::min(a.out, b + chunk));
+  });
 }
 
 void Engine::rank_forward(int rank) {
