@@ -42,6 +42,26 @@ def test_llama_cpp_is_optional(monkeypatch, tmp_path):
     assert bench.llama_cpp_gguf(tmp_path, tmp_path) is None
 
 
+def test_the_gguf_of_a_test_tokenizer_is_made_with_qwen2_s_pre_tokenizer(monkeypatch, tmp_path):
+    # A stand-in llama.cpp tree whose converter refuses the tokenizer, as the real one refuses
+    # make_checkpoint's: the benchmark's GGUF is still made (llama-bench feeds token ids).
+    tree = tmp_path / "llama.cpp"
+    (tree / "conversion").mkdir(parents=True)
+    (tree / "conversion" / "__init__.py").write_text("")
+    (tree / "conversion" / "base.py").write_text(
+        "class TextModel:\n"
+        "    def get_vocab_base_pre(self, tokenizer):\n"
+        "        raise NotImplementedError('BPE pre-tokenizer was not recognized')\n")
+    (tree / "convert_hf_to_gguf.py").write_text(
+        "import sys\nfrom conversion import base\n"
+        "open(sys.argv[sys.argv.index('--outfile') + 1], 'w').write(sys.argv[1] + ' ' + base.TextModel().get_vocab_base_pre(None))\n")
+    (tmp_path / "llama-bench").write_text("")
+    monkeypatch.setenv("LLAMA_BENCH", str(tmp_path / "llama-bench"))
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tree))
+    gguf = bench.llama_cpp_gguf(tmp_path / "source", tmp_path)
+    assert gguf.read_text() == f"{tmp_path / 'source'} qwen2"
+
+
 @pytest.mark.parametrize("size", sorted(bench.SIZES))
 def test_the_model_shapes_come_from_the_fixture_configs(size):
     shape = bench.model_shape(size, Path(__file__).with_name("fixtures") / "configs", quick=False)
