@@ -225,7 +225,9 @@ def run(args):
             source = Path(args.checkpoint)
         else:
             log(args, f"making a random bf16 checkpoint with the shapes of Qwen3-{args.size.upper()} ...")
-            source = make_checkpoint(work / "source", dtype="bf16", tie=shape.pop("tie_word_embeddings"), **shape)
+            # Qwen3's kind of tokenizer (a BPE with merges), which llama.cpp's GGUF needs.
+            source = make_checkpoint(work / "source", dtype="bf16", tie=shape.pop("tie_word_embeddings"),
+                                     qwen3_tokenizer=True, **shape)
         config = json.loads((source / "config.json").read_text())
         log(args, "converting ...")
         converted = {}
