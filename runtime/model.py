@@ -21,8 +21,11 @@ BACKENDS = ("threads", "mpi")
 KV_DTYPES = ("f32", "bf16")
 
 
-def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f32", backend="threads",
-         ranks_per_process=1):
+ACTIVATIONS = ("f32", "bf16")
+
+
+def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f32", activations="f32",
+         backend="threads", ranks_per_process=1):
     """Opens a converted directory and maps its rank files.
 
     threads: compute threads in all (None: the CPUs this process may use); each of the W ranks
@@ -31,7 +34,10 @@ def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f3
     max_position_embeddings. verify: "quick" checks every header, offset, size and shape;
     "full" also checks every tensor's CRC32C (reads all the weights once). kv_dtype: how the KV
     cache stores keys and values, "f32" or "bf16" (half the memory; see the README for what it
-    costs in accuracy).
+    costs in accuracy). activations: "f32" multiplies the weights by f32 activations
+    (transformers' logits within 1e-4); "bf16" (bf16 models only) rounds each matrix product's
+    input to bf16 once, for the CPU's bf16 dot product: prefill about twice as fast, logits within
+    the bound the README's performance section states.
 
     backend: "threads" computes every rank in this process; "mpi" (under mpiexec, with the
     qwen3pack[mpi] extra) computes ranks_per_process ranks in each MPI process, which maps only
@@ -43,6 +49,8 @@ def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f3
         raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ranks_per_process = _positive_int(ranks_per_process, "ranks_per_process", MAX_THREADS)
@@ -53,11 +61,11 @@ def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f3
     threads = _positive_int(threads, "threads", MAX_THREADS)
     max_context = _positive_int(max_context, "max_context", MAX_CONTEXT)
     if backend == "mpi":
-        return mpi.load(directory, threads, max_context, verify == "full", kv_dtype, ranks_per_process,
-                        lambda engine, manifest: Model(engine, manifest, _tokenizer_of(Path(directory))))
+        return mpi.load(directory, threads, max_context, verify == "full", kv_dtype, activations,
+                        ranks_per_process, lambda engine, manifest: Model(engine, manifest, _tokenizer_of(Path(directory))))
     converted = formats.open(directory)
     engine = _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
-                          verify == "full", kv_dtype)
+                          verify == "full", kv_dtype, activations == "bf16")
     return Model(engine, converted.manifest, _tokenizer_of(converted.path))
 
 

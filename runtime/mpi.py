@@ -69,7 +69,7 @@ def library_path():
 _loaded = False  # on process 0, once a model was loaded
 
 
-def load(directory, threads, max_context, verify_crc, kv_dtype, ranks_per_process, make_model):
+def load(directory, threads, max_context, verify_crc, kv_dtype, activations, ranks_per_process, make_model):
     """This process's share of the model in `directory` (see the module's docstring). On process
     0, returns make_model(engine, manifest); on the others, follows process 0 and exits."""
     global _loaded
@@ -108,7 +108,8 @@ def load(directory, threads, max_context, verify_crc, kv_dtype, ranks_per_proces
         from .model import rank_sources  # model imports this module
         converted = formats.open(directory, ranks=ranks)
         return _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
-                            verify_crc, kv_dtype, mpi_library=library_path(), mpi_comm=comm.handle)
+                            verify_crc, kv_dtype, activations == "bf16", mpi_library=library_path(),
+                            mpi_comm=comm.handle)
 
     engine = None
 
@@ -148,7 +149,7 @@ class DrivingEngine:
         self._next_session = 0
         self._dropped = []  # sessions gone here, dropped by the followers with the next step
         for name in ("vocab_size", "max_context", "world_size", "threads", "threads_per_rank", "isa",
-                     "first_rank", "local_ranks", "kv_dtype"):
+                     "first_rank", "local_ranks", "kv_dtype", "activations"):
             setattr(self, name, getattr(engine, name))
 
     @property

@@ -6,7 +6,7 @@ import pytest
 
 from qwen3pack import bench
 
-RUN_FIELDS = {"tp", "threads", "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_of_roofline",
+RUN_FIELDS = {"tp", "threads", "activations", "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "decode_of_roofline",
               "prefill_of_fma_peak"}
 
 
@@ -16,7 +16,8 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     printed = json.loads(capsys.readouterr().out)
     assert printed["runs"] and set(printed) >= {"model", "machine", "sizes", "runs", "long_context", "conversion",
                                                  "transformers", "llama.cpp"}
-    assert [(r["tp"], r["threads"]) for r in printed["runs"]] == [(1, 1), (1, 2), (2, 2)]
+    assert [(r["tp"], r["threads"], r["activations"]) for r in printed["runs"]] == [
+        (1, 1, "f32"), (1, 2, "f32"), (2, 2, "f32"), (1, 1, "bf16"), (1, 2, "bf16")]
     for run in printed["runs"]:
         assert set(run) == RUN_FIELDS
         assert set(run["decode_tok_s"]) == {"1", "4", "16"}
@@ -25,7 +26,7 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     assert (long_context["position"], long_context["tp"], long_context["threads"]) == (40, 1, 2)
     assert set(long_context["decode_tok_s"]) == {"f32", "bf16"} and all(v > 0 for v in long_context["decode_tok_s"].values())
     assert set(printed["machine"]["read_bandwidth_bytes_s"]) == {"1", "2"}
-    assert set(printed["machine"]["fma_peak_flops"]) == {"1", "2"}
+    assert set(printed["machine"]["fma_peak_flops"]) == set(printed["machine"]["bf16_peak_flops"]) == {"1", "2"}
     assert set(printed["conversion"]) == {"bytes", "tp", "convert_s", "cp_sync_s", "convert_over_cp", "validate_gb_s"}
     assert set(printed["transformers"]) == {"1", "2"}
     assert set(printed["transformers"]["1"]) == {"prefill_tok_s", "decode_tok_s"}
@@ -44,8 +45,8 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
 
     bench.print_table(results)
     table = capsys.readouterr().out
-    for line in ("read bandwidth", "FMA peak", "decode b16", "decode from position 40", "transformers (tokens/s)",
-                 "llama.cpp: not found", "convert/cp", "x bf16, ", "q8 against the f32 model",
+    for line in ("read bandwidth", "FMA peak", "with bf16 activations", "decode b16", "decode from position 40",
+                 "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "q8 against the f32 model",
                  "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):
         assert line in table
 
@@ -54,6 +55,26 @@ def test_llama_cpp_is_optional(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_BENCH", str(tmp_path / "missing-llama-bench"))
     monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))
     assert bench.llama_cpp_gguf(tmp_path, tmp_path) is None
+
+
+def test_the_gguf_of_a_test_tokenizer_is_made_with_qwen2_s_pre_tokenizer(monkeypatch, tmp_path):
+    # A stand-in llama.cpp tree whose converter refuses the tokenizer, as the real one refuses
+    # make_checkpoint's: the benchmark's GGUF is still made (llama-bench feeds token ids).
+    tree = tmp_path / "llama.cpp"
+    (tree / "conversion").mkdir(parents=True)
+    (tree / "conversion" / "__init__.py").write_text("")
+    (tree / "conversion" / "base.py").write_text(
+        "class TextModel:\n"
+        "    def get_vocab_base_pre(self, tokenizer):\n"
+        "        raise NotImplementedError('BPE pre-tokenizer was not recognized')\n")
+    (tree / "convert_hf_to_gguf.py").write_text(
+        "import sys\nfrom conversion import base\n"
+        "open(sys.argv[sys.argv.index('--outfile') + 1], 'w').write(sys.argv[1] + ' ' + base.TextModel().get_vocab_base_pre(None))\n")
+    (tmp_path / "llama-bench").write_text("")
+    monkeypatch.setenv("LLAMA_BENCH", str(tmp_path / "llama-bench"))
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tree))
+    gguf = bench.llama_cpp_gguf(tmp_path / "source", tmp_path)
+    assert gguf.read_text() == f"{tmp_path / 'source'} qwen2"
 
 
 @pytest.mark.parametrize("size", sorted(bench.SIZES))

@@ -135,6 +135,17 @@ def test_chat_from_a_pipe_answers_one_turn_per_line(chat_model):
     assert result.stderr.count("tokens/s") == 2 and "(thinking off)" in result.stderr
 
 
+def test_generate_with_bf16_activations_gives_the_text_of_the_api_with_them(converted):
+    import qwen3pack
+    result = run("generate", converted, "Hello", "--raw", "--max-tokens", 8, "--temperature", 0,
+                 "--activations", "bf16")
+    assert result.returncode == 0, result.stderr
+    with qwen3pack.load(converted, threads=1, activations="bf16") as m:
+        assert result.stdout == m.complete("Hello", max_tokens=8, temperature=0).text.rstrip("\n") + "\n"
+    for command in ("generate", "chat", "serve"):
+        assert "--activations [f32|bf16]" in run(command, "--help").stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "{model}", "hi", "--max-tokens", "0"], "Invalid value for '--max-tokens'"),
     (["generate", "{model}", "hi", "--raw", "--chat"], "--raw and --chat exclude each other"),
@@ -156,6 +167,8 @@ def test_text_commands_give_usage_errors_for_bad_arguments(chat_model, args, mes
     (["generate", "{missing}", "hi"], "error: {missing}"),
     (["chat", "{missing}"], "error: {missing}"),
     (["chat", "{bare}"], "error: this model has no tokenizer.json"),
+    (["generate", "{model}", "hi", "--activations", "bf16"],
+     "error: activations='bf16' needs bf16 weights; this model's are f32"),
 ])
 def test_text_commands_report_bad_values_in_one_line(chat_model, tmp_path, args, message):
     import shutil

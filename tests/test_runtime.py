@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 import qwen3pack  # noqa: E402
 from qwen3pack import _core, runtime  # noqa: E402
 from qwen3pack.convert import convert  # noqa: E402
-from qwen3pack.testing import make_checkpoint  # noqa: E402
+from qwen3pack.testing import BF16_ACTIVATIONS_ATOL, make_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
@@ -153,6 +153,18 @@ def test_half_precision_shards_match_transformers_on_the_same_rounded_weights(co
     with runtime.load(out, threads=2) as m:
         got = m.logits(ids)
     np.testing.assert_allclose(got, hf_logits(checkpoint, ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bf16_activations_stay_within_their_bound_of_transformers(converted, tp):
+    checkpoint, out = converted("head_dim_not_hidden_over_heads", tp, dtype="bf16", source_dtype="bf16")
+    ids = random_ids(32, 384, seed=3)
+    with runtime.load(out, threads=2, activations="bf16") as m:
+        got = m.logits(ids)
+    want = hf_logits(checkpoint, ids)
+    assert np.abs(want).max() > 10.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=BF16_ACTIVATIONS_ATOL)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
 
 
 # ---------------------------------------------------------------------------------------------

@@ -352,9 +352,11 @@ std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::
 // the bytes of its rows of blocks, [out, row bytes] (x is then quantized as the engine does).
 FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
                            nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> w, const std::string& dtype,
-                           const std::string& isa) {
+                           const std::string& isa, const std::string& activations) {
   q3p::DType dt;
   if (!q3p::parse_dtype(dtype, &dt)) throw q3p::UsageError("unknown dtype " + dtype);
+  if (activations != "f32" && (activations != "bf16" || dt != q3p::DType::BF16))
+    throw q3p::UsageError("activations must be 'f32', or 'bf16' for bf16 weights, got '" + activations + "'");
   const size_t n = x.shape(0), in = x.shape(1), out = w.shape(0);
   const bool q8 = dt == q3p::DType::Q8;
   if (q8 ? w.shape(1) * w.itemsize() != q3p::row_bytes(dt, in) : (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt)))
@@ -381,6 +383,12 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
   a.out = out;
   a.w = w.data();
   a.dt = dt;
+  std::vector<uint16_t> x_bf16;
+  if (activations == "bf16") {
+    x_bf16.resize(n * in);
+    q3p::to_bf16(x.data(), x_bf16.data(), n * in);
+    a.x_bf16 = x_bf16.data();
+  }
   std::vector<float> y(n * out);
   a.y = y.data();
   kernel.matmul(a, 0, out);
@@ -433,9 +441,11 @@ nb::ndarray<nb::numpy, uint16_t> to_bf16(nb::ndarray<const float, nb::ndim<1>, n
   return nb::ndarray<nb::numpy, uint16_t>(bits->data(), {x.shape(0)}, owner);
 }
 
-double fma_peak_flops(const std::string& isa, double seconds) {
+double fma_peak_flops(const std::string& isa, double seconds, const std::string& activations) {
   const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
-  return without_gil([&] { return q3p::fma_peak_flops(kernel.isa, seconds); });
+  if (activations != "f32" && activations != "bf16")
+    throw q3p::UsageError("activations must be 'f32' or 'bf16', got '" + activations + "'");
+  return without_gil([&] { return q3p::fma_peak_flops(kernel.isa, activations == "bf16", seconds); });
 }
 
 // Seconds per all_reduce_sum of n floats, the median of `iterations` timed after as many untimed:
@@ -483,8 +493,9 @@ NB_MODULE(_core, m) {
   m.def("rename_exchange", &q3p::rename_exchange, nb::arg("a"), nb::arg("b"),
         "renameat2(RENAME_EXCHANGE): swaps two paths atomically; 0, or the errno.");
   m.def("supported_isas", &supported_isas, "The matrix kernels' instruction sets this machine runs, generic first.");
-  m.def("fma_peak_flops", &fma_peak_flops, "isa"_a = "", "seconds"_a = 0.2,
-        "f32 FMA operations per second of one thread from registers (isa: QWEN3PACK_ISA's names, '' the best).");
+  m.def("fma_peak_flops", &fma_peak_flops, "isa"_a = "", "seconds"_a = 0.2, "activations"_a = "f32",
+        "f32 FMA operations per second of one thread from registers (isa: QWEN3PACK_ISA's names, '' the best); "
+        "activations='bf16': of the bf16 dot product the kernels use for them (vdpbf16ps), where they use one.");
   m.def("all_reduce_seconds", &all_reduce_seconds, "n"_a, "iterations"_a, "mpi_library"_a = "", "mpi_comm"_a = 0,
         "ranks"_a = 2,
         "Median seconds of an all-reduce of n floats: over MPI (mpi_library: the loaded libmpi; mpi_comm: a "
@@ -493,9 +504,10 @@ NB_MODULE(_core, m) {
         "Attention of q [G, D] over k, v [n, ld] at positions [first, first + n), tiled as the engine does.");
   m.attr("ATTENTION_TILE") = q3p::kAttentionTile;
   m.def("to_bf16", &to_bf16, "x"_a, "float32 values rounded to bf16 (ties to even), as uint16 bit patterns.");
-  m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a,
+  m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a, "activations"_a = "f32",
         "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8 "
-        "rows of blocks as bytes [out, row bytes]).");
+        "rows of blocks as bytes [out, row bytes]; activations='bf16': x rounded to bf16 first, as "
+        "load(..., activations='bf16') does).");
   m.def("quantize_q8", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
           const size_t n = x.shape(0);
           std::vector<q3p::BlockQ8Act> blocks(q3p::q8_blocks(n));
@@ -541,7 +553,8 @@ NB_MODULE(_core, m) {
   nb::class_<EngineHandle>(m, "Engine", "The model's rank files, mapped and checked, and the threads computing them.")
       .def("__init__",
            [](EngineHandle* self, nb::dict model, nb::dict layout, nb::list ranks, int threads, int64_t max_context,
-              bool verify_crc, const std::string& kv_dtype, std::string mpi_library, uint64_t mpi_comm) {
+              bool verify_crc, const std::string& kv_dtype, bool bf16_activations,
+              std::string mpi_library, uint64_t mpi_comm) {
              q3p::ModelConfig mc = parse_model(model);
              q3p::Layout lc = parse_layout(layout);
              std::vector<q3p::RankSource> sources;
@@ -552,6 +565,7 @@ NB_MODULE(_core, m) {
              opt.verify_crc = verify_crc;
              if (!q3p::parse_dtype(kv_dtype, &opt.kv_dtype) || opt.kv_dtype == q3p::DType::F16)
                throw q3p::UsageError("kv_dtype must be 'f32' or 'bf16', got '" + kv_dtype + "'");
+             opt.bf16_activations = bf16_activations;
              auto engine = without_gil([&] {
                std::unique_ptr<q3p::Communicator> comm;
                if (!mpi_library.empty())
@@ -561,7 +575,7 @@ NB_MODULE(_core, m) {
              new (self) EngineHandle{std::move(engine)};
            },
            "model"_a, "layout"_a, "ranks"_a, "threads"_a, "max_context"_a, "verify_crc"_a, "kv_dtype"_a = "f32",
-           "mpi_library"_a = "", "mpi_comm"_a = 0,
+           "bf16_activations"_a = false, "mpi_library"_a = "", "mpi_comm"_a = 0,
            "ranks: the rank files this process computes. With mpi_library (the path of the loaded, initialized "
            "libmpi) the ranks are those this process holds of the MPI communicator mpi_comm (an MPICH ABI handle), "
            "else all of them, as threads.")
@@ -581,6 +595,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("local_ranks", [](const EngineHandle& h) { return h.get().local_ranks(); })
       .def_prop_ro("isa", [](const EngineHandle& h) { return std::string(h.get().isa()); })
       .def_prop_ro("kv_dtype", [](const EngineHandle& h) { return std::string(q3p::dtype_name(h.get().kv_dtype())); })
+      .def_prop_ro("activations", [](const EngineHandle& h) { return h.get().bf16_activations() ? "bf16" : "f32"; })
       .def("new_session",
            [](const EngineHandle& h) {
              auto s = std::make_unique<Session>();

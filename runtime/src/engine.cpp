@@ -25,7 +25,11 @@ std::once_flag fork_handler_registered;
 
 Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector<RankSource>& ranks,
                const EngineOptions& options, std::unique_ptr<Communicator> comm)
-    : model_(model), layout_(layout), max_context_(options.max_context), id_(next_engine_id++) {
+    : model_(model),
+      layout_(layout),
+      max_context_(options.max_context),
+      bf16_activations_(options.bf16_activations),
+      id_(next_engine_id++) {
   std::call_once(fork_handler_registered, [] { pthread_atfork(nullptr, nullptr, count_fork_in_child); });
   forks_at_creation_ = forks_as_child.load();
   validate_model(model_);
@@ -45,6 +49,8 @@ Engine::Engine(const ModelConfig& model, const Layout& layout, const std::vector
     throw UsageError("max_context = " + std::to_string(max_context_) + " is out of range [1, 16777216]");
   if (options.threads < 1) throw UsageError("threads must be >= 1");
   threads_per_rank_ = std::max(1, options.threads / static_cast<int>(L));
+  if (bf16_activations_ && layout_.dtype != DType::BF16)
+    throw UsageError("activations='bf16' needs bf16 weights; this model's are " + std::string(dtype_name(layout_.dtype)));
   kernels_ = select_kernels(std::getenv("QWEN3PACK_ISA"));
 
   files_.reserve(static_cast<size_t>(L));
@@ -223,6 +229,7 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.logits.resize(S * V);
     w.softmax_state.resize(T * 2 * (Nq / Nkv));
     w.xq.resize(N * q8_blocks(std::max({H, Nq * D, I})));
+    if (bf16_activations_) w.x_bf16.resize(N * std::max({H, Nq * D, I}));
   }
   if (holds_logits) gathered_.resize(W * S * V);
   comm_->reserve(std::max(N * H, S * V));
@@ -267,6 +274,16 @@ void Engine::check_finite(const std::vector<float>& logits) const {
                            "): the model's weights hold NaN or Inf values, or its activations overflowed");
 }
 
+namespace {
+// Rows per chunk of a matrix product: about 8 chunks per thread (a slow thread holds the others
+// up by one chunk at most), a multiple of 12 so that the kernels' row tiles (4 or 6) fill each.
+size_t matmul_chunk_rows(size_t rows, size_t threads) {
+  constexpr size_t kAlign = 12, kChunksPerThread = 8;
+  const size_t per = (rows + threads * kChunksPerThread - 1) / (threads * kChunksPerThread);
+  return std::max(kAlign, (per + kAlign - 1) / kAlign * kAlign);
+}
+}  // namespace
+
 void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, float* y) {
   ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
   MatmulArgs a;
@@ -281,8 +298,21 @@ void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, flo
     matmul_q8(rank, a);
     return;
   }
-  // Each thread computes a contiguous range of rows: it streams its own part of W.
-  parallel_for(pool, a.out, [&](int, size_t b, size_t e) { kernels_.matmul(a, b, e); });
+  if (bf16_activations_ && w.dtype == DType::BF16) {  // rounded once here, for all the threads' rows
+    uint16_t* x_bf16 = work_[static_cast<size_t>(rank)].x_bf16.data();
+    parallel_for(pool, n, [&](int, size_t b, size_t e) { to_bf16(x + b * a.in, x_bf16 + b * a.in, (e - b) * a.in); });
+    a.x_bf16 = x_bf16;
+  }
+  if (pool.size() == 1) return kernels_.matmul(a, 0, a.out);
+  // Chunks of contiguous rows, taken in order by whichever thread is free: a thread that was
+  // descheduled, or streams slower, leaves the rest to the others instead of holding them at the
+  // join. Each row's value is the same whichever thread computes it (kernels.h).
+  const size_t chunk = matmul_chunk_rows(a.out, static_cast<size_t>(pool.size()));
+  std::atomic<size_t> next{0};
+  pool.run(pool.size(), [&](int) {
+    for (size_t b = next.fetch_add(chunk); b < a.out; b = next.fetch_add(chunk))
+      kernels_.matmul(a, b, std::min(a.out, b + chunk));
+  });
 }
 
 // The activations are quantized once (a small cost next to the product: n * in values against

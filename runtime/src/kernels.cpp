@@ -70,6 +70,17 @@ void to_f32(const void* src, DType dt, float* dst, size_t n) {
   }
 }
 
+void to_bf16(const float* src, uint16_t* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &src[i], 4);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u)
+      dst[i] = static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN: keep it one (quiet)
+    else
+      dst[i] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
+
 void rmsnorm(const float* x, const float* w, float eps, float* y, size_t n) {
   double ss = 0.0;
   for (size_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
@@ -84,17 +95,6 @@ void rope_neox(float* x, const float* cos, const float* sin, size_t dim) {
     const float a = x[i], b = x[i + half];
     x[i] = a * cos[i] - b * sin[i];
     x[i + half] = b * cos[i] + a * sin[i];
-  }
-}
-
-void to_bf16(const float* src, uint16_t* dst, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, src + i, 4);
-    if ((bits & 0x7FFFFFFFu) > 0x7F800000u)
-      dst[i] = static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN stays a (quiet) NaN
-    else
-      dst[i] = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
   }
 }
 
@@ -138,7 +138,11 @@ bool isa_supported(Isa isa) {
 namespace {
 Kernels matrix_kernels_for(Isa isa) {
 #if defined(__x86_64__)
-  if (isa == Isa::Avx512) return {isa, matmul_avx512, attention_tile_avx512};
+  if (isa == Isa::Avx512) {
+    // vdpbf16ps where the CPU has it, for activations rounded to bf16; else they are widened.
+    const bool dpbf16 = __builtin_cpu_supports("avx512bf16");
+    return {isa, dpbf16 ? matmul_avx512bf16 : matmul_avx512, attention_tile_avx512};
+  }
   if (isa == Isa::Avx2) return {isa, matmul_avx2, attention_tile_avx2};
 #endif
   return {Isa::Generic, matmul_generic, attention_tile_generic};
@@ -151,12 +155,16 @@ Kernels kernel_for(Isa isa) {
 }
 }  // namespace
 
-double fma_peak_flops(Isa isa, double seconds) {
+double fma_peak_flops(Isa isa, bool bf16_activations, double seconds) {
   float (*loop)(size_t, float) = fma_loop_generic;
   double flops_per_step = 16 * 2;
 #if defined(__x86_64__)
   if (isa == Isa::Avx512) loop = fma_loop_avx512, flops_per_step = 12 * 16 * 2;
+  if (isa == Isa::Avx512 && bf16_activations && __builtin_cpu_supports("avx512bf16"))
+    loop = dpbf16_loop_avx512, flops_per_step = 12 * 32 * 2;
   if (isa == Isa::Avx2) loop = fma_loop_avx2, flops_per_step = 12 * 8 * 2;
+#else
+  (void)bf16_activations;
 #endif
   using Clock = std::chrono::steady_clock;
   volatile float sink = 0.0f;  // the loop's result is used: it cannot be optimized away

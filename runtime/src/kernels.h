@@ -11,10 +11,16 @@ namespace q3p {
 // dst[i] = src[i] as f32, for n elements of dtype `dt` (Q8: the first n values of a row of blocks).
 void to_f32(const void* src, DType dt, float* dst, size_t n);
 
+// dst[i] = the bf16 bits of src[i] rounded to nearest even (NaN stays NaN), for n elements: the
+// KV cache's bf16 and the bf16 activations.
+void to_bf16(const float* src, uint16_t* dst, size_t n);
+
 // y = x W^T: y[t * out + o] = sum_i x[t * in + i] * W[o, i] for t in [0, n), o in [0, out).
-// W is [out, in] row-major with dtype `dt`; the sums are in f32.
+// W is [out, in] row-major with dtype `dt`; the sums are in f32. When x_bf16 is set (bf16 W only:
+// load(..., activations="bf16")), x is read from there, rounded to bf16 by to_bf16, and x is unused.
 struct MatmulArgs {
   const float* x = nullptr;
+  const uint16_t* x_bf16 = nullptr;
   size_t n = 0, in = 0, out = 0;
   const void* w = nullptr;
   DType dt = DType::F32;
@@ -74,7 +80,9 @@ Kernels select_kernels(const char* forced);
 
 // Floating-point operations per second of one thread running independent f32 FMAs of `isa`
 // from registers only (the FMA peak the matrix kernels approach), timed over about `seconds`.
-double fma_peak_flops(Isa isa, double seconds);
+// bf16_activations: the peak of the instruction the kernels use for activations rounded to bf16
+// instead (vdpbf16ps where the AVX-512 CPU has it: 2 products per f32 lane).
+double fma_peak_flops(Isa isa, bool bf16_activations, double seconds);
 
 // y = x * rsqrt(mean(x^2) + eps) * w, over n elements (x and y may alias).
 void rmsnorm(const float* x, const float* w, float eps, float* y, size_t n);
@@ -82,9 +90,6 @@ void rmsnorm(const float* x, const float* w, float eps, float* y, size_t n);
 // NeoX half-split rotary embedding of one head of `dim` values, in place:
 // x[i] = x[i] cos[i] - x[i + dim/2] sin[i], x[i + dim/2] = x[i + dim/2] cos[i] + x[i] sin[i].
 void rope_neox(float* x, const float* cos, const float* sin, size_t dim);
-
-// dst[i] = src[i] rounded to the nearest bf16 (ties to even), as bit patterns.
-void to_bf16(const float* src, uint16_t* dst, size_t n);
 
 // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)).
 void silu_mul(const float* gate, const float* up, float* out, size_t n);

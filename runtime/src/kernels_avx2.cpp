@@ -45,8 +45,10 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <DType D, int R, int T>
-inline void tile(const void* w, size_t in, const float* x, float* y, size_t ldy) {
+// X: float, or uint16_t for activations rounded to bf16.
+template <DType D, int R, int T, class X>
+inline void tile(const void* w, size_t in, const X* x, float* y, size_t ldy) {
+  constexpr DType XD = sizeof(X) == 4 ? DType::F32 : DType::BF16;
   constexpr size_t esize = D == DType::F32 ? 4 : 2;
   const uint8_t* wb = static_cast<const uint8_t*>(w);
   __m256 acc[R][T];
@@ -57,7 +59,7 @@ inline void tile(const void* w, size_t in, const float* x, float* y, size_t ldy)
     __m256 wv[R];
     UNROLLED for (int r = 0; r < R; ++r) wv[r] = load8<D>(wb + (r * in + k) * esize, count);
     UNROLLED for (int t = 0; t < T; ++t) {
-      const __m256 xv = load8<DType::F32>(x + t * in + k, count);
+      const __m256 xv = load8<XD>(x + t * in + k, count);
       UNROLLED for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
     }
   }

@@ -35,38 +35,40 @@ constexpr size_t kMemoryBoundTokens = 4;  // up to this many tokens, tiles of on
 
 inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
 
-// 16 weights of dtype D from p (the lanes of `mask`, zeros elsewhere), widened to f32.
+// 16 values of dtype D from p (the lanes of `mask`, zeros elsewhere), widened to f32.
 template <DType D>
-inline __m512 load_weights(const void* p, __mmask16 mask) {
+inline __m512 load16(const void* p, __mmask16 mask) {
   if (D == DType::F32) return _mm512_maskz_loadu_ps(mask, p);
   const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
   if (D == DType::F16) return _mm512_cvtph_ps(h);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// One step of 16 values of `in` for every accumulator of a tile.
-template <DType D, int R, int T>
-__attribute__((always_inline)) inline void step(__m512 (&acc)[R][T], const uint8_t* w, size_t in, const float* x,
+// One step of 16 values of `in` for every accumulator of a tile (X: float, or uint16_t for
+// activations rounded to bf16, widened here: CPUs without AVX512_BF16, see kernels.cpp).
+template <DType D, int R, int T, class X>
+__attribute__((always_inline)) inline void step(__m512 (&acc)[R][T], const uint8_t* w, size_t in, const X* x,
                                                 size_t k, __mmask16 mask) {
   constexpr size_t esize = D == DType::F32 ? 4 : 2;
+  constexpr DType XD = sizeof(X) == 4 ? DType::F32 : DType::BF16;
   __m512 wv[R];
-  UNROLLED for (int r = 0; r < R; ++r) wv[r] = load_weights<D>(w + (r * in + k) * esize, mask);
+  UNROLLED for (int r = 0; r < R; ++r) wv[r] = load16<D>(w + (r * in + k) * esize, mask);
   UNROLLED for (int t = 0; t < T; ++t) {
-    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * in + k);
+    const __m512 xv = load16<XD>(x + t * in + k, mask);
     UNROLLED for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
   }
 }
 
 // y[t * ldy + r] = row r of w . token t of x, for r < R, t < T.
-template <DType D, int R, int T>
-inline void tile(const void* w, size_t in, const float* x, float* y, size_t ldy) {
+template <DType D, int R, int T, class X>
+inline void tile(const void* w, size_t in, const X* x, float* y, size_t ldy) {
   const uint8_t* wb = static_cast<const uint8_t*>(w);
   __m512 acc[R][T];
   UNROLLED for (int r = 0; r < R; ++r)
     UNROLLED for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   size_t k = 0;
-  for (; k + kLanes <= in; k += kLanes) step<D, R, T>(acc, wb, in, x, k, __mmask16(0xFFFF));
-  if (k < in) step<D, R, T>(acc, wb, in, x, k, __mmask16((1u << (in - k)) - 1));
+  for (; k + kLanes <= in; k += kLanes) step<D, R, T, X>(acc, wb, in, x, k, __mmask16(0xFFFF));
+  if (k < in) step<D, R, T, X>(acc, wb, in, x, k, __mmask16((1u << (in - k)) - 1));
   UNROLLED for (int r = 0; r < R; ++r)
     UNROLLED for (int t = 0; t < T; ++t) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
 }

@@ -16,7 +16,7 @@ constexpr size_t kChunk = 256;  // weight values converted at a time (a multiple
 // Each y value is summed in 16 partial sums (sum k % 16 takes every 16th product), then a tree.
 void matmul_generic(const MatmulArgs& a, size_t o0, size_t o1) {
   const size_t esize = dtype_size(a.dt);
-  float chunk[kChunk];
+  float chunk[kChunk], x_chunk[kChunk];
   float acc[kTokens][kLanes];
   for (size_t o = o0; o < o1; ++o) {
     const uint8_t* row = static_cast<const uint8_t*>(a.w) + o * a.in * esize;
@@ -28,6 +28,10 @@ void matmul_generic(const MatmulArgs& a, size_t o0, size_t o1) {
         to_f32(row + k0 * esize, a.dt, chunk, nk);
         for (size_t t = 0; t < nt; ++t) {
           const float* x = a.x + (t0 + t) * a.in + k0;
+          if (a.x_bf16) {
+            to_f32(a.x_bf16 + (t0 + t) * a.in + k0, DType::BF16, x_chunk, nk);
+            x = x_chunk;
+          }
           for (size_t k = 0; k < nk; ++k) acc[t][k % kLanes] += x[k] * chunk[k];
         }
       }

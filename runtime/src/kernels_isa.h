@@ -20,8 +20,11 @@ void matmul_avx2(const MatmulArgs& a, size_t o0, size_t o1);
 void matmul_avx512(const MatmulArgs& a, size_t o0, size_t o1);
 void attention_tile_avx2(const AttentionTile& a);
 void attention_tile_avx512(const AttentionTile& a);
+// matmul_avx512, but vdpbf16ps for activations rounded to bf16 (CPUs with AVX512_BF16).
+void matmul_avx512bf16(const MatmulArgs& a, size_t o0, size_t o1);
 float fma_loop_avx2(size_t steps, float seed);
 float fma_loop_avx512(size_t steps, float seed);
+float dpbf16_loop_avx512(size_t steps, float seed);
 #endif
 
 }  // namespace q3p

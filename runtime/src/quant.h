@@ -10,7 +10,7 @@
 //   for each block b in order, with d = f32(w.d) * x.d (rounded once) and, for j < 8,
 //     p_j = sum of the 4 products of values [4j, 4j + 4) (an exact integer):
 //       acc[(b % 2) * 8 + j] = fma(d, float(p_j), acc[(b % 2) * 8 + j])
-//   y = acc reduced as dot_f32 does: acc[k] += acc[k + w] for w = 8, 4, 2, 1, then acc[0].
+//   y = acc reduced pairwise: acc[k] += acc[k + w] for w = 8, 4, 2, 1, then acc[0].
 // (The SIMD products keep one 8-lane accumulator per block parity: kernels_q8_tiles.inc.)
 #pragma once
 #include <cstddef>

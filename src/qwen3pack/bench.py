@@ -2,7 +2,9 @@
 
 A checkpoint with the real shapes of Qwen3-0.6B (or 1.7B: --size 1.7b), taken from the configs in
 tests/fixtures/configs/ and filled with random bf16 weights (or --checkpoint DIR), converted at
-tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank):
+tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank), with f32
+activations, and at tp 1 with 1 and 2 threads with activations rounded to bf16 (load(...,
+activations="bf16")):
 - load time and time to first token of a 16-token prompt right after the load (page cache warm);
 - prefill tokens/s of a 512-token prompt; decode tokens/s over 128 tokens at batch 1, and in all
   at batch 4 and 16 (one token per sequence per step);
@@ -11,7 +13,7 @@ tp 1 and 2, then at tp 1 with 1 and 2 threads and at tp 2 with 2 (one per rank):
 - this machine's memory read bandwidth (numpy, same threads, the best read of the run) and decode
   at batch 1 as a share of that roofline (every weight byte read once per token); the peak f32
   FMA rate of the threads (a register-only loop) and prefill as a share of it (2 flops per
-  weight per token);
+  weight per token), or for bf16 activations the peak of the bf16 dot product (vdpbf16ps);
 - transformers (torch CPU, bf16, same threads, same weights): prefill and decode, as ratios;
 - llama.cpp's llama-bench on the same weights when LLAMA_BENCH names it (the GGUF made by the
   convert_hf_to_gguf.py of LLAMA_CPP_DIR), as ratios; otherwise "llama.cpp: not found";
@@ -51,7 +53,7 @@ from .testing import logit_agreement, make_checkpoint
 SIZES = {"0.6b": "Qwen3-0.6B.json", "1.7b": "Qwen3-1.7B.json"}
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps")
-RUNS = [(1, 1), (1, 2), (2, 2)]  # (tp, threads)
+RUNS = [(1, 1, "f32"), (1, 2, "f32"), (2, 2, "f32"), (1, 1, "bf16"), (1, 2, "bf16")]  # (tp, threads, activations)
 Q8_THREADS = (1, 2)  # q8 at tp 1
 BATCHES = (1, 4, 16)
 LONG_CONTEXT_THREADS = 2  # at tp 1
@@ -88,14 +90,14 @@ def seconds(run):
 # The runtime
 
 
-def bench_runtime(directory, threads, p, rng, kv_dtype="f32"):
+def bench_runtime(directory, threads, p, rng, kv_dtype="f32", activations="f32"):
     """One measurement of every runtime figure for the converted model in `directory`."""
     from . import load
     vocab = formats.open(directory).model["vocab_size"]
     ids = rng.integers(0, vocab, p["prefill"]).tolist()
     context = p["prefill"] + p["decode"] + 1
     started = time.perf_counter()
-    model = load(directory, threads=threads, max_context=context, kv_dtype=kv_dtype)
+    model = load(directory, threads=threads, max_context=context, kv_dtype=kv_dtype, activations=activations)
     load_s = time.perf_counter() - started
     with model:
         next(iter(model.generate(ids[:p["prompt"]], max_new_tokens=1, stop_token_ids=[])))
@@ -125,14 +127,15 @@ def accuracy(reference, quantized, p):
     return dict(prompts=len(prompts), tokens=p["accuracy_tokens"], **logit_agreement(logits(reference), logits(quantized)))
 
 
-def summarize(tp, threads, got, weight_bytes, bandwidth, flops_per_token, peak):
-    """The medians of one configuration's measurements, and their shares of the rooflines."""
+def summarize(tp, threads, activations, got, weight_bytes, bandwidth, flops_per_token, peak):
+    """The medians of one configuration's measurements, and their shares of the rooflines (the
+    prefill's of the f32 FMA peak, or of the bf16 dot product's with bf16 activations)."""
     decode = {b: median([g["decode_tok_s"][b] for g in got]) for b in BATCHES}
     prefill = median([g["prefill_tok_s"] for g in got])
-    return dict(tp=tp, threads=threads, load_s=median([g["load_s"] for g in got]),
+    return dict(tp=tp, threads=threads, activations=activations, load_s=median([g["load_s"] for g in got]),
                 ttft_s=median([g["ttft_s"] for g in got]), prefill_tok_s=prefill, decode_tok_s=decode,
                 decode_of_roofline=decode[1] * weight_bytes / bandwidth[threads],
-                prefill_of_fma_peak=prefill * flops_per_token / peak[threads])
+                prefill_of_fma_peak=prefill * flops_per_token / peak[activations][threads])
 
 
 def bench_long_context(converted, p, rng, kv_dtype):
@@ -243,9 +246,31 @@ def llama_cpp_gguf(source, work):
         return None
     gguf = work / "model-bf16.gguf"
     if not gguf.exists():
-        subprocess.run([sys.executable, str(Path(tree) / "convert_hf_to_gguf.py"), str(source), "--outtype", "bf16",
-                        "--outfile", str(gguf)], check=True, capture_output=True)
+        done = subprocess.run([sys.executable, "-c", GGUF_CONVERT, str(Path(tree) / "convert_hf_to_gguf.py"), str(source),
+                               "--outtype", "bf16", "--outfile", str(gguf)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
     return gguf
+
+
+# convert_hf_to_gguf.py, run with one change: a tokenizer whose pre-tokenizer it does not know (the
+# test tokenizers of make_checkpoint) is written as Qwen2's instead of refused. The GGUF's
+# tokenizer plays no part in llama-bench's speed, which feeds it token ids.
+GGUF_CONVERT = """
+import runpy, sys
+script = sys.argv.pop(1)
+sys.path.insert(0, script.rsplit("/", 1)[0])
+from conversion import base
+known = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return "qwen2"
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
 
 
 def bench_llama_cpp(gguf, threads, p):
@@ -299,8 +324,10 @@ def run(args):
             source = Path(args.checkpoint)
         else:
             log(args, f"making a random bf16 checkpoint with the shapes of Qwen3-{args.size.upper()} ...")
+            # trained-like weights (for q8's accuracy) and Qwen3's kind of tokenizer (a BPE with
+            # merges), which llama.cpp's GGUF needs
             source = make_checkpoint(work / "source", dtype="bf16", tie=shape.pop("tie_word_embeddings"),
-                                     trained_like=True, **shape)
+                                     trained_like=True, qwen3_tokenizer=True, **shape)
         config = json.loads((source / "config.json").read_text())
         log(args, "converting ...")
         converted = {}
@@ -314,8 +341,9 @@ def run(args):
         gguf = llama_cpp_gguf(source, work)
 
         isa = _core.supported_isas()[-1] if not os.environ.get("QWEN3PACK_ISA") else os.environ["QWEN3PACK_ISA"]
-        threads_used = sorted({t for _, t in RUNS})
-        peak = {t: t * _core.fma_peak_flops(isa, p["fma_seconds"]) for t in threads_used}
+        threads_used = sorted({t for _, t, _ in RUNS})
+        peak = {act: {t: t * _core.fma_peak_flops(isa, p["fma_seconds"], act) for t in threads_used}
+                for act in ("f32", "bf16")}
         samples = {run: [] for run in RUNS}
         q8_samples = {t: [] for t in Q8_THREADS}
         long_context = {kv: [] for kv in KV_DTYPES}
@@ -324,9 +352,10 @@ def run(args):
         over_mpi, all_reduce_threads = [], []
         for repeat in range(args.repeats):
             log(args, f"round {repeat + 1} of {args.repeats} ...")
-            for tp, threads in RUNS:
-                samples[(tp, threads)].append(bench_runtime(converted[tp], threads, p, rng, args.kv_dtype))
-                if tp == 1:  # q8 right after bf16 at the same threads: the same load on the machine
+            for tp, threads, activations in RUNS:
+                samples[(tp, threads, activations)].append(
+                    bench_runtime(converted[tp], threads, p, rng, args.kv_dtype, activations))
+                if tp == 1 and activations == "f32":  # q8 right after bf16 at the same threads: the same load
                     q8_samples[threads].append(bench_runtime(q8_dir, threads, p, rng, args.kv_dtype))
             for kv in KV_DTYPES:
                 long_context[kv].append(bench_long_context(converted, p, rng, kv))
@@ -342,15 +371,15 @@ def run(args):
 
         bandwidth = {t: max(v) for t, v in bandwidth.items()}
         flops_per_token = 2 * matrix_weights(config)
-        runs = [summarize(tp, threads, got, weight_bytes, bandwidth, flops_per_token, peak)
-                for (tp, threads), got in samples.items()]
-        q8_runs = [summarize(1, threads, got, q8_bytes, bandwidth, flops_per_token, peak)
+        runs = [summarize(tp, threads, activations, got, weight_bytes, bandwidth, flops_per_token, peak)
+                for (tp, threads, activations), got in samples.items()]
+        q8_runs = [summarize(1, threads, "f32", got, q8_bytes, bandwidth, flops_per_token, peak)
                    for threads, got in q8_samples.items()]
         # per round, q8 over the bf16 run just before it, then the median of those ratios
         q8_over_bf16 = {t: dict(prefill=median([q["prefill_tok_s"] / b["prefill_tok_s"]
-                                                for q, b in zip(q8_samples[t], samples[(1, t)])]),
+                                                for q, b in zip(q8_samples[t], samples[(1, t, "f32")])]),
                                 decode=median([q["decode_tok_s"][1] / b["decode_tok_s"][1]
-                                               for q, b in zip(q8_samples[t], samples[(1, t)])]))
+                                               for q, b in zip(q8_samples[t], samples[(1, t, "f32")])]))
                         for t in Q8_THREADS}
         log(args, "q8 accuracy against the f32 model ...")
         q8 = dict(weight_bytes=q8_bytes, runs=q8_runs, over_bf16=q8_over_bf16,
@@ -373,7 +402,8 @@ def run(args):
         return dict(
             model=dict(size="tiny (--quick)" if args.quick else args.size, layers=config["num_hidden_layers"],
                        weight_bytes=weight_bytes, flops_per_token=flops_per_token),
-            machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak, read_bandwidth_bytes_s=bandwidth),
+            machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak["f32"], bf16_peak_flops=peak["bf16"],
+                         read_bandwidth_bytes_s=bandwidth),
             sizes=p, repeats=args.repeats, kv_dtype=args.kv_dtype, runs=runs, q8=q8,
             long_context=dict(position=p["long_context"], tp=1, threads=LONG_CONTEXT_THREADS,
                               decode_tok_s={kv: median(v) for kv, v in long_context.items()}),
@@ -398,12 +428,13 @@ def print_table(r):
     for t, bw in mach["read_bandwidth_bytes_s"].items():
         print(f"machine, {t} thread(s): read bandwidth {bw / 1e9:.1f} GB/s (decode roofline "
               f"{bw / m['weight_bytes']:.1f} tokens/s); FMA peak {mach['fma_peak_flops'][t] / 1e9:.0f} GFLOP/s "
-              f"(prefill roofline {mach['fma_peak_flops'][t] / m['flops_per_token']:.0f} tokens/s)")
-    head = (f"{'tp':>2} {'thr':>3} {'load s':>7} {'TTFT s':>7} {'prefill':>8} {'of FMA':>7} "
+              f"(prefill roofline {mach['fma_peak_flops'][t] / m['flops_per_token']:.0f} tokens/s), with bf16 "
+              f"activations {mach['bf16_peak_flops'][t] / 1e9:.0f} GFLOP/s")
+    head = (f"{'tp':>2} {'thr':>3} {'act':>4} {'load s':>7} {'TTFT s':>7} {'prefill':>8} {'of peak':>7} "
             + " ".join(f"{'decode b' + str(b):>10}" for b in BATCHES) + f" {'of BW':>6}")
     print(f"\nqwen3pack (tokens/s; prefill of {p['prefill']} tokens, decode over {p['decode']} tokens)\n{head}")
     for x in r["runs"]:
-        print(f"{x['tp']:>2} {x['threads']:>3} {x['load_s']:>7.2f} {x['ttft_s']:>7.2f} {x['prefill_tok_s']:>8.1f} "
+        print(f"{x['tp']:>2} {x['threads']:>3} {x['activations']:>4} {x['load_s']:>7.2f} {x['ttft_s']:>7.2f} {x['prefill_tok_s']:>8.1f} "
               f"{x['prefill_of_fma_peak']:>6.0%} " + " ".join(f"{x['decode_tok_s'][b]:>10.1f}" for b in BATCHES)
               + f" {x['decode_of_roofline']:>6.0%}")
     lc = r["long_context"]
@@ -414,11 +445,14 @@ def print_table(r):
         if not r[name]:
             print(f"\n{name}: not found" if name == "llama.cpp" else f"\n{name}: not installed (make test installs it)")
             continue
-        print(f"\n{name} (tokens/s), and qwen3pack at tp 1 over it")
+        print(f"\n{name} (tokens/s), and qwen3pack at tp 1 over it (f32 activations; bf16 activations)")
         for t, theirs in r[name].items():
-            ours = next(x for x in r["runs"] if x["tp"] == 1 and x["threads"] == t)
-            print(f"  {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours {ratio(ours['prefill_tok_s'], theirs['prefill_tok_s'])}), "
-                  f"decode {theirs['decode_tok_s']:.1f} (ours {ratio(ours['decode_tok_s'][1], theirs['decode_tok_s'])})")
+            ours = [next(x for x in r["runs"] if (x["tp"], x["threads"], x["activations"]) == (1, t, act))
+                    for act in ("f32", "bf16")]
+            prefill = "; ".join(ratio(x["prefill_tok_s"], theirs["prefill_tok_s"]) for x in ours)
+            decode = "; ".join(ratio(x["decode_tok_s"][1], theirs["decode_tok_s"]) for x in ours)
+            print(f"  {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours {prefill}), "
+                  f"decode {theirs['decode_tok_s']:.1f} (ours {decode})")
     mpi = r["mpi"]
     if mpi is None:
         print("\nMPI: not installed (pip install 'qwen3pack[mpi]'; make test installs it)")

@@ -164,12 +164,6 @@ def summary(converted):
     return "\n".join(lines)
 
 
-kv_dtype_option = click.option(
-    "--kv-dtype", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
-    help="How the KV cache stores keys and values: bf16 takes half the memory (for a small accuracy cost, see "
-         "the README).")
-
-
 def sampling_options(command):
     """The sampling options of `generate` and `chat` (unset: the model's generation_config.json)."""
     for option in reversed([
@@ -182,31 +176,40 @@ def sampling_options(command):
         click.option("--threads", type=click.IntRange(min=1), help="Compute threads (default: all CPUs)."),
         click.option("--max-context", type=click.IntRange(min=1), default=4096, show_default=True,
                      help="Tokens of prompt and answer (the conversation, in chat) at most."),
-        kv_dtype_option,
     ]):
         command = option(command)
     return command
 
 
-def backend_options(command):
-    """--mpi and --ranks-per-process, of the commands that load a model."""
-    command = click.option("--ranks-per-process", type=click.IntRange(min=1),
-                           help="With --mpi: consecutive ranks per MPI process, computed by threads (default 1).")(command)
-    return click.option("--mpi", is_flag=True,
-                        help="Run the ranks as the processes of `mpiexec -n P` (P * ranks per process = the "
-                             "model's tp); process 0 prints and serves, each maps only its own rank files. "
-                             "Needs pip install 'qwen3pack[mpi]'.")(command)
+def load_options(command):
+    """How the commands that load a model load it: the KV cache's and activations' precision, and
+    the MPI backend."""
+    for option in reversed([
+        click.option("--kv-dtype", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+                     help="How the KV cache stores keys and values: bf16 takes half the memory (for a small "
+                          "accuracy cost, see the README)."),
+        click.option("--activations", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+                     help="bf16 (bf16 models): each matrix product's input rounded to bf16, for the CPU's bf16 "
+                          "dot product (faster prefill, logits within the README's stated bound)."),
+        click.option("--mpi", is_flag=True,
+                     help="Run the ranks as the processes of `mpiexec -n P` (P * ranks per process = the "
+                          "model's tp); process 0 prints and serves, each maps only its own rank files. "
+                          "Needs pip install 'qwen3pack[mpi]'."),
+        click.option("--ranks-per-process", type=click.IntRange(min=1),
+                     help="With --mpi: consecutive ranks per MPI process, computed by threads (default 1)."),
+    ]):
+        command = option(command)
+    return command
 
 
-def _load(directory, threads, max_context, kv_dtype, mpi=False, ranks_per_process=None):
+def _load(directory, threads, max_context, kv_dtype, activations, mpi, ranks_per_process):
     """The model (under --mpi: process 0's; the other processes follow it inside this call and exit)."""
     from . import load
     if ranks_per_process is not None and not mpi:
         raise click.UsageError("--ranks-per-process applies to --mpi")
     try:
-        return load(directory, threads=threads, max_context=max_context, kv_dtype=kv_dtype,
-                    backend="mpi" if mpi else "threads",
-                    ranks_per_process=ranks_per_process or 1)
+        return load(directory, threads=threads, max_context=max_context, kv_dtype=kv_dtype, activations=activations,
+                    backend="mpi" if mpi else "threads", ranks_per_process=ranks_per_process or 1)
     except (ValueError, ImportError) as error:  # every bad-directory error of the runtime is a ValueError;
         _fail(error)                            # ImportError: --mpi without the extra
 
@@ -219,16 +222,16 @@ def _load(directory, threads, max_context, kv_dtype, mpi=False, ranks_per_proces
 @click.option("--raw", is_flag=True, help="The prompt as it is (a completion), not a user message.")
 @click.option("--chat", is_flag=True, help="The prompt as a user message in the chat template (the default).")
 @click.option("--think/--no-think", default=None, help="Let the model think first (default: the template's).")
-@backend_options
-def generate_command(directory, prompt, max_tokens, temperature, top_p, top_k, seed, threads, max_context, kv_dtype, stop,
-                     raw, chat, think, mpi, ranks_per_process):
+@load_options
+def generate_command(directory, prompt, max_tokens, temperature, top_p, top_k, seed, threads, max_context, stop,
+                     raw, chat, think, **load_options):
     """Stream the model's text for PROMPT to stdout: its answer to it as a user message, or with
     --raw its continuation of it."""
     if raw and chat:
         raise click.UsageError("--raw and --chat exclude each other")
     if raw and think is not None:
         raise click.UsageError("--think/--no-think apply to --chat, not to --raw")
-    model = _load(directory, threads, max_context, kv_dtype, mpi, ranks_per_process)
+    model = _load(directory, threads, max_context, **load_options)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     stop=list(stop), stream=True)
     try:
@@ -258,12 +261,12 @@ CHAT_COMMANDS = {"/reset": "forget the conversation", "/think": "let the model t
 @click.option("--system", help="The system prompt.")
 @sampling_options
 @click.option("--think/--no-think", default=None, help="Let the model think first (default: the template's).")
-@backend_options
-def chat_command(directory, system, max_tokens, temperature, top_p, top_k, seed, threads, max_context, kv_dtype, think, mpi,
-                 ranks_per_process):
+@load_options
+def chat_command(directory, system, max_tokens, temperature, top_p, top_k, seed, threads, max_context, think,
+                 **load_options):
     """Talk with the model in the terminal; the KV cache is kept from turn to turn. Its thinking is
     shown dimmed, before the answer. Ctrl-C stops an answer. From a pipe: one user turn per line."""
-    model = _load(directory, threads, max_context, kv_dtype, mpi, ranks_per_process)
+    model = _load(directory, threads, max_context, **load_options)
     try:
         conversation = model.chat_session(system=system, enable_thinking=think)
     except ValueError as error:
@@ -350,20 +353,19 @@ def _answer(conversation, line, sampling):
               help="Prompt tokens computed per step at most, so that a long prompt does not stall the streams.")
 @click.option("--max-context", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Tokens of prompt and answer of one request at most.")
-@kv_dtype_option
 @click.option("--api-key", envvar="QWEN3PACK_API_KEY",
               help="Require `Authorization: Bearer KEY` on every route but /health (or $QWEN3PACK_API_KEY).")
 @click.option("--served-model-name", help="The model's name in the API (default: DIRECTORY's name).")
 @click.option("--shutdown-timeout", type=click.IntRange(min=0), default=30, show_default=True,
               help="Seconds that running requests may take to finish after SIGTERM or Ctrl-C.")
-@backend_options
-def serve_command(directory, host, port, threads, max_batch, max_queue, prefill_chunk, max_context, kv_dtype, api_key,
-                  served_model_name, shutdown_timeout, mpi, ranks_per_process):
+@load_options
+def serve_command(directory, host, port, threads, max_batch, max_queue, prefill_chunk, max_context, api_key,
+                  served_model_name, shutdown_timeout, **load_options):
     """Serve the model over an OpenAI-compatible HTTP API (chat completions, completions, models),
     streaming, with continuous batching of concurrent requests."""
     from pathlib import Path
     from .server import serve
-    model = _load(directory, threads, max_context, kv_dtype, mpi, ranks_per_process)
+    model = _load(directory, threads, max_context, **load_options)
     try:
         model.tokenizer.chat_template  # a model without text fails now, not at each request
     except ValueError as error:
