@@ -112,12 +112,12 @@ def test_logits_and_greedy_tokens_over_mpi_equal_the_threads_backend_bit_for_bit
     assert report["maps"] == {str(p): files[p * ranks_per_process:(p + 1) * ranks_per_process] for p in range(2)}
 
 
-Q8_BF16_CACHE = """
+BF16_CACHE = """
     import sys
     import numpy as np
     import qwen3pack
-    directory, out = sys.argv[1], sys.argv[2]
-    model = qwen3pack.load(directory, backend="mpi", kv_dtype="bf16", threads=1)
+    directory, out, activations = sys.argv[1], sys.argv[2], sys.argv[3]
+    model = qwen3pack.load(directory, backend="mpi", kv_dtype="bf16", activations=activations, threads=1)
     session = model.session()
     steps = [session.append(list(range(1, 10)))] + [session.append([t]) for t in (11, 12, 13)]
     np.savez(out + "/logits.npz", steps=np.stack(steps), kv_cache_bytes=session.kv_cache_bytes)
@@ -125,13 +125,15 @@ Q8_BF16_CACHE = """
 
 
 @needs_mpi
-def test_q8_weights_and_a_bf16_kv_cache_over_mpi_equal_the_threads_backend_bit_for_bit(checkpoints, tmp_path):
-    directory = tmp_path / "q8"
-    convert(checkpoints(seed=5), directory, tp=2, dtype="q8")
-    result = run_script(tmp_path, Q8_BF16_CACHE, directory, tmp_path)
+@pytest.mark.parametrize("dtype,activations", [("q8", "f32"), ("bf16", "bf16")])
+def test_q8_or_bf16_activations_with_a_bf16_kv_cache_over_mpi_equal_the_threads_backend_bit_for_bit(
+        checkpoints, tmp_path, dtype, activations):
+    directory = tmp_path / dtype
+    convert(checkpoints(seed=5), directory, tp=2, dtype=dtype)
+    result = run_script(tmp_path, BF16_CACHE, directory, tmp_path, activations)
     assert result.returncode == 0, result.stderr
     over_mpi = np.load(tmp_path / "logits.npz")
-    with qwen3pack.load(directory, threads=2, kv_dtype="bf16") as model:
+    with qwen3pack.load(directory, threads=2, kv_dtype="bf16", activations=activations) as model:
         session = model.session()
         steps = [session.append(list(range(1, 10)))] + [session.append([t]) for t in (11, 12, 13)]
         assert np.array_equal(over_mpi["steps"], np.stack(steps))

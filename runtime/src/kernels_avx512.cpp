@@ -1,7 +1,7 @@
 // The kernels (matrix product, attention) for AVX-512 CPUs (F, BW, VL), compiled with those flags (see kernels_isa.h
 // for why it uses no header's inline functions). Weights of every dtype are widened to f32 in
 // registers and meet the f32 activations in FMAs, so the results match the generic kernel's to
-// f32 rounding (why not vdpbf16ps: see the README's performance section).
+// f32 rounding (vdpbf16ps, for activations rounded to bf16, is kernels_avx512bf16.cpp).
 //
 // Blocking: a tile of kRows weight rows meets kTokens tokens at once (kRows x kTokens
 // accumulators in registers, each widened weight vector used kTokens times); the tile's rows stay
@@ -158,7 +158,7 @@ void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) 
     for (size_t d = 0; d < a.D; d += kLanes) {
       const __mmask16 mask = lanes_below(a.D - d);
       __m512 kv[kKeys];
-      UNROLLED for (size_t i = 0; i < kKeys; ++i) kv[i] = load_weights<KV>(key[i] + d * esize, mask);
+      UNROLLED for (size_t i = 0; i < kKeys; ++i) kv[i] = load16<KV>(key[i] + d * esize, mask);
       UNROLLED for (int h = 0; h < H; ++h) {
         const __m512 qv = _mm512_maskz_loadu_ps(mask, a.q + (g0 + h) * a.D + d);
         UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm512_fmadd_ps(qv, kv[i], acc[h][i]);
@@ -211,7 +211,7 @@ void tile_values(const AttentionTile& a, size_t g0, size_t d0, const float (*p)[
   for (size_t j = 0; j < a.nk; ++j) {
     __m512 value[kValueVecs];
     UNROLLED for (size_t i = 0; i < kValueVecs; ++i)
-      value[i] = load_weights<KV>(v + (j * a.ld + i * kLanes) * esize, mask[i]);
+      value[i] = load16<KV>(v + (j * a.ld + i * kLanes) * esize, mask[i]);
     UNROLLED for (int h = 0; h < H; ++h) {
       const __m512 w = _mm512_set1_ps(p[h][j]);
       UNROLLED for (size_t i = 0; i < kValueVecs; ++i) acc[h][i] = _mm512_fmadd_ps(w, value[i], acc[h][i]);
