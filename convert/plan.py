@@ -11,7 +11,7 @@ from .hf_config import generation_hints, normalize_config
 from .source import SourceError, copied_files, read_json, read_tensors, source_files
 
 DTYPE_CHOICES = ("auto", *WEIGHT_DTYPES)
-KV_CACHE_DTYPE = "f32"  # the runtime keeps keys and values in f32
+KV_CACHE_DTYPES = ("f32", "bf16")  # the runtime's kv_dtype choices (load(..., kv_dtype=...))
 MAX_CONFIG_BYTES = 1 << 20  # config.json and generation_config.json: a few kB in practice
 EMBEDDING = "model.embed_tokens.weight"
 
@@ -164,10 +164,10 @@ def make_plan(source_dir, tp, dtype="auto", keep=None):
                 used, sources, ignored, plan_ranks(model, layout), source_files(source_dir, all_sources), copied_files(source_dir))
 
 
-def kv_cache_bytes_per_rank(model, layout, context):
-    """Keys and values of one sequence of `context` tokens on one rank; sliding layers keep only
-    their window."""
-    per_token = 2 * layout["kv_heads_per_rank"] * model["head_dim"] * element_size(KV_CACHE_DTYPE)
+def kv_cache_bytes_per_rank(model, layout, context, kv_dtype):
+    """Keys and values of one sequence of `context` tokens on one rank, stored in `kv_dtype`;
+    sliding layers keep only their window."""
+    per_token = 2 * layout["kv_heads_per_rank"] * model["head_dim"] * element_size(kv_dtype)
     total = 0
     for layer_type in model["layer_types"]:
         window = model["sliding_window"] if layer_type == "sliding_attention" else context
@@ -191,11 +191,11 @@ def describe(plan, context):
         + (f" (each kv head on {layout['kv_head_replicas']} ranks)" if layout["kv_head_replicas"] > 1 else ""),
         f"tensors     {plan.tensor_count} in {len(plan.ranks)} rank files, from {len(plan.sources)} source tensors",
     ]
-    kv = kv_cache_bytes_per_rank(model, layout, context)
+    kv = {kv_dtype: kv_cache_bytes_per_rank(model, layout, context, kv_dtype) for kv_dtype in KV_CACHE_DTYPES}
     for rank, rank_plan in enumerate(plan.ranks):
         weights = sum(r["nbytes"] for r in rank_plan.header["tensors"])
         lines.append(f"rank {rank:<6} file {rank_plan.file_size / gib:8.3f} GiB   weights {weights / gib:8.3f} GiB   "
-                     f"KV cache at {context} tokens {kv / gib:8.3f} GiB")
+                     f"KV cache at {context} tokens {kv['f32'] / gib:8.3f} GiB (kv_dtype bf16: {kv['bf16'] / gib:.3f})")
     if plan.ignored:
         lines.append(f"ignored     {', '.join(plan.ignored)}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import qwen3pack
 from qwen3pack import formats, validate
 from qwen3pack.convert import ConversionError, SourceError, convert, write
 from qwen3pack.testing import make_checkpoint
@@ -211,10 +212,11 @@ def test_kv_cache_estimate_of_qwen3_8b_at_tp2_counts_its_kv_heads_per_rank():
     model = normalize_config(json.loads((Path(__file__).parent / "fixtures/configs/Qwen3-8B.json").read_text()))
     layout = make_layout(model, 2, "bf16")
     # 36 layers, keys and values, 4 of the 8 KV heads per rank, head_dim 128, 4096 tokens, f32
-    assert kv_cache_bytes_per_rank(model, layout, 4096) == 36 * 2 * 4 * 128 * 4096 * 4
+    assert kv_cache_bytes_per_rank(model, layout, 4096, "f32") == 36 * 2 * 4 * 128 * 4096 * 4
+    assert kv_cache_bytes_per_rank(model, layout, 4096, "bf16") == 36 * 2 * 4 * 128 * 4096 * 2
 
 
-def test_kv_cache_estimate_keeps_only_the_window_of_sliding_layers():
+def test_kv_cache_estimate_keeps_only_the_window_of_sliding_layers(tmp_path):
     from qwen3pack.convert.hf_config import normalize_config
     from qwen3pack.convert.plan import kv_cache_bytes_per_rank
     from qwen3pack.formats import make_layout
@@ -223,4 +225,18 @@ def test_kv_cache_estimate_keeps_only_the_window_of_sliding_layers():
                               "sliding_window": 100, "max_window_layers": 1})
     layout = make_layout(model, 1, "f32")
     per_token = 2 * 2 * 32 * 4
-    assert kv_cache_bytes_per_rank(model, layout, 1000) == (1000 + 3 * 100) * per_token
+    assert kv_cache_bytes_per_rank(model, layout, 1000, "f32") == (1000 + 3 * 100) * per_token
+    assert kv_cache_bytes_per_rank(model, layout, 1000, "bf16") == (1000 + 3 * 100) * per_token // 2
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
+def test_the_dry_run_kv_cache_estimate_is_what_the_runtime_allocates(tmp_path, kv_dtype):
+    from qwen3pack.convert.plan import kv_cache_bytes_per_rank
+    source = make_checkpoint(tmp_path / "src", num_hidden_layers=4, use_sliding_window=True, sliding_window=10,
+                             max_window_layers=1, layer_types=["full_attention"] + 3 * ["sliding_attention"])
+    convert(source, tmp_path / "out", tp=2, dtype="bf16")
+    converted = formats.open(tmp_path / "out")
+    with qwen3pack.load(tmp_path / "out", max_context=100, kv_dtype=kv_dtype) as model:
+        session = model.session()
+        session.append(list(range(100)))  # the cache grows as the sequence does: full at max_context
+        assert session.kv_cache_bytes == 2 * kv_cache_bytes_per_rank(converted.model, converted.layout, 100, kv_dtype)

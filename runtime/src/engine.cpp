@@ -282,6 +282,20 @@ size_t matmul_chunk_rows(size_t rows, size_t threads) {
   const size_t per = (rows + threads * kChunksPerThread - 1) / (threads * kChunksPerThread);
   return std::max(kAlign, (per + kAlign - 1) / kAlign * kAlign);
 }
+
+// compute(o0, o1) over the rows [0, rows) of a matrix product, in chunks of contiguous rows taken
+// in order by whichever thread is free: a thread that was descheduled, or streams slower, leaves
+// the rest to the others instead of holding them at the join. Each row's value is the same
+// whichever thread computes it (kernels.h, quant.h).
+template <class Compute>
+void for_row_chunks(ThreadPool& pool, size_t rows, const Compute& compute) {
+  if (pool.size() == 1) return compute(size_t(0), rows);
+  const size_t chunk = matmul_chunk_rows(rows, static_cast<size_t>(pool.size()));
+  std::atomic<size_t> next{0};
+  pool.run(pool.size(), [&](int) {
+    for (size_t b = next.fetch_add(chunk); b < rows; b = next.fetch_add(chunk)) compute(b, std::min(rows, b + chunk));
+  });
+}
 }  // namespace
 
 void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, float* y) {
@@ -303,24 +317,18 @@ void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, flo
     parallel_for(pool, n, [&](int, size_t b, size_t e) { to_bf16(x + b * a.in, x_bf16 + b * a.in, (e - b) * a.in); });
     a.x_bf16 = x_bf16;
   }
-  if (pool.size() == 1) return kernels_.matmul(a, 0, a.out);
-  // Chunks of contiguous rows, taken in order by whichever thread is free: a thread that was
-  // descheduled, or streams slower, leaves the rest to the others instead of holding them at the
-  // join. Each row's value is the same whichever thread computes it (kernels.h).
-  const size_t chunk = matmul_chunk_rows(a.out, static_cast<size_t>(pool.size()));
-  std::atomic<size_t> next{0};
-  pool.run(pool.size(), [&](int) {
-    for (size_t b = next.fetch_add(chunk); b < a.out; b = next.fetch_add(chunk))
-      kernels_.matmul(a, b, std::min(a.out, b + chunk));
-  });
+  for_row_chunks(pool, a.out, [&](size_t o0, size_t o1) { kernels_.matmul(a, o0, o1); });
 }
 
 // The activations are quantized once (a small cost next to the product: n * in values against
-// in * out weights), then each thread computes its range of rows with integer dot products.
+// in * out weights), then the threads compute chunks of rows with integer dot products.
 void Engine::matmul_q8(int rank, const MatmulArgs& a) {
+  ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
   BlockQ8Act* xq = work_[static_cast<size_t>(rank)].xq.data();
   const size_t blocks = q8_blocks(a.in);
-  for (size_t t = 0; t < a.n; ++t) quantize_row_q8(a.x + t * a.in, a.in, xq + t * blocks);
+  parallel_for(pool, a.n, [&](int, size_t b, size_t e) {
+    for (size_t t = b; t < e; ++t) quantize_row_q8(a.x + t * a.in, a.in, xq + t * blocks);
+  });
   MatmulQ8Args q;
   q.x = xq;
   q.n = a.n;
@@ -328,7 +336,7 @@ void Engine::matmul_q8(int rank, const MatmulArgs& a) {
   q.out = a.out;
   q.w = static_cast<const BlockQ8*>(a.w);
   q.y = a.y;
-  parallel_for(*pools_[static_cast<size_t>(rank)], a.out, [&](int, size_t b, size_t e) { kernels_.matmul_q8(q, b, e); });
+  for_row_chunks(pool, a.out, [&](size_t o0, size_t o1) { kernels_.matmul_q8(q, o0, o1); });
 }
 
 void Engine::rank_forward(int rank) {

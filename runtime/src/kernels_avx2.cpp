@@ -219,28 +219,10 @@ void tile_values(const AttentionTile& a, size_t g0, size_t d0, const float (*p)[
       store8(a.out + (g0 + h) * a.D + d0 + i * kLanes, acc[h][i], count[i]);
 }
 
-template <DType KV>
-void attention_tile(const AttentionTile& a) {
-  alignas(32) float s[kHeads][kAttentionTile];
-  float correction[kHeads];
-  for (size_t g0 = 0; g0 < a.G; g0 += kHeads) {
-    const size_t heads = min_size(kHeads, a.G - g0);
-    size_t g = 0;
-    for (; g + 2 <= heads; g += 2) tile_scores<KV, 2>(a, g0 + g, s + g);
-    if (g < heads) tile_scores<KV, 1>(a, g0 + g, s + g);
-    for (g = 0; g < heads; ++g) correction[g] = softmax_step(a, g0 + g, s[g]);
-    for (size_t d0 = 0; d0 < a.D; d0 += kValueVecs * kLanes) {
-      for (g = 0; g + 2 <= heads; g += 2) tile_values<KV, 2>(a, g0 + g, d0, s + g, correction + g);
-      if (g < heads) tile_values<KV, 1>(a, g0 + g, d0, s + g, correction + g);
-    }
-  }
-}
+#include "kernels_attention.inc"
 
 }  // namespace
 
-void attention_tile_avx2(const AttentionTile& a) {
-  if (a.kv == DType::BF16) attention_tile<DType::BF16>(a);
-  else attention_tile<DType::F32>(a);
-}
+void attention_tile_avx2(const AttentionTile& a) { attention_tile_any(a); }
 
 }  // namespace q3p

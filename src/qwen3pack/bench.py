@@ -443,7 +443,8 @@ def print_table(r):
           f"bf16 {bf16:.1f} tokens/s (bf16 {ratio(bf16, f32)})")
     for name in ("transformers", "llama.cpp"):
         if not r[name]:
-            print(f"\n{name}: not found" if name == "llama.cpp" else f"\n{name}: not installed (make test installs it)")
+            print(f"\n{name}: not found" if name == "llama.cpp"
+                  else f"\n{name}: not measured (--no-transformers, or not installed: make test installs it)")
             continue
         print(f"\n{name} (tokens/s), and qwen3pack at tp 1 over it (f32 activations; bf16 activations)")
         for t, theirs in r[name].items():
