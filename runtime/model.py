@@ -19,8 +19,6 @@ NumericalError = _core.NumericalError  # NaN or Inf logits
 VERIFY_MODES = ("quick", "full")
 BACKENDS = ("threads", "mpi")
 KV_DTYPES = ("f32", "bf16")
-
-
 ACTIVATIONS = ("f32", "bf16")
 
 

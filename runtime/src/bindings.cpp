@@ -403,7 +403,8 @@ FloatArray attention_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig
                               nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> v, const std::string& kv_dtype,
                               int64_t first, float scale, const std::string& isa) {
   q3p::DType dt;
-  if (!q3p::parse_dtype(kv_dtype, &dt) || dt == q3p::DType::F16) throw q3p::UsageError("kv_dtype must be f32 or bf16");
+  if (!q3p::parse_dtype(kv_dtype, &dt) || (dt != q3p::DType::F32 && dt != q3p::DType::BF16))
+    throw q3p::UsageError("kv_dtype must be f32 or bf16");
   const size_t G = q.shape(0), D = q.shape(1), n = k.shape(0), ld = k.shape(1);
   if (v.shape(0) != n || v.shape(1) != ld || ld < D || k.itemsize() != q3p::dtype_size(dt) ||
       v.itemsize() != k.itemsize() || n < 1 || first < 0)
@@ -435,10 +436,9 @@ FloatArray attention_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig
 
 // x rounded to bf16 as the KV cache stores it: the 16-bit patterns.
 nb::ndarray<nb::numpy, uint16_t> to_bf16(nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
-  auto* bits = new std::vector<uint16_t>(x.shape(0));
-  q3p::to_bf16(x.data(), bits->data(), x.shape(0));
-  nb::capsule owner(bits, [](void* p) noexcept { delete static_cast<std::vector<uint16_t>*>(p); });
-  return nb::ndarray<nb::numpy, uint16_t>(bits->data(), {x.shape(0)}, owner);
+  std::vector<uint16_t> bits(x.shape(0));
+  q3p::to_bf16(x.data(), bits.data(), x.shape(0));
+  return make_array(std::move(bits), {x.shape(0)});
 }
 
 double fma_peak_flops(const std::string& isa, double seconds, const std::string& activations) {
@@ -563,7 +563,7 @@ NB_MODULE(_core, m) {
              opt.threads = threads;
              opt.max_context = max_context;
              opt.verify_crc = verify_crc;
-             if (!q3p::parse_dtype(kv_dtype, &opt.kv_dtype) || opt.kv_dtype == q3p::DType::F16)
+             if (!q3p::parse_dtype(kv_dtype, &opt.kv_dtype))  // the engine says which dtypes it stores
                throw q3p::UsageError("kv_dtype must be 'f32' or 'bf16', got '" + kv_dtype + "'");
              opt.bf16_activations = bf16_activations;
              auto engine = without_gil([&] {

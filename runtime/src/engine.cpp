@@ -228,7 +228,7 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.sel.resize(S * H);
     w.logits.resize(S * V);
     w.softmax_state.resize(T * 2 * (Nq / Nkv));
-    w.xq.resize(N * q8_blocks(std::max({H, Nq * D, I})));
+    if (layout_.stores(DType::Q8)) w.xq.resize(N * q8_blocks(std::max({H, Nq * D, I})));
     if (bf16_activations_) w.x_bf16.resize(N * std::max({H, Nq * D, I}));
   }
   if (holds_logits) gathered_.resize(W * S * V);

@@ -48,6 +48,13 @@ struct Layout {
     auto it = dtype_overrides.find(group);
     return it == dtype_overrides.end() ? dtype : it->second;
   }
+  // True when some group of weight matrices is stored in `dt`.
+  bool stores(DType dt) const {
+    if (dtype == dt) return true;
+    for (const auto& group : dtype_overrides)
+      if (group.second == dt) return true;
+    return false;
+  }
 };
 
 // Checks the model's numbers (positive sizes, heads divisible, ...); throws FormatError.

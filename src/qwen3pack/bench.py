@@ -144,10 +144,14 @@ def bench_long_context(converted, p, rng, kv_dtype):
     vocab = formats.open(converted[1]).model["vocab_size"]
     ids = rng.integers(0, vocab, p["long_context"] + p["long_decode"]).tolist()
     with load(converted[1], threads=LONG_CONTEXT_THREADS, max_context=len(ids), kv_dtype=kv_dtype) as model:
-        session = model.session()
-        session.append(ids[:p["long_context"]])
-        steps = ids[p["long_context"]:]
-        return len(steps) / seconds(lambda: [session.append([token]) for token in steps])
+        return session_decode_tok_s(model, ids[:p["long_context"]], ids[p["long_context"]:])
+
+
+def session_decode_tok_s(model, prompt, steps):
+    """Tokens/s of one session decoding `steps` one token at a time after `prompt` (untimed)."""
+    session = model.session()
+    session.append(prompt)
+    return len(steps) / seconds(lambda: [session.append([token]) for token in steps])
 
 
 def matrix_weights(config):
@@ -205,10 +209,8 @@ def mpi_process(directory, quick):
     model = load(directory, backend="mpi", threads=1, max_context=p["prompt"] + p["decode"] + 1)
     ids = np.random.default_rng(0).integers(0, model.vocab_size, p["prompt"] + p["decode"]).tolist()
     with model:
-        session = model.session()
-        session.append(ids[:p["prompt"]])
-        decode_s = seconds(lambda: [session.append([t]) for t in ids[p["prompt"]:]])
-    print(json.dumps(dict(decode_tok_s=p["decode"] / decode_s, all_reduce_s=all_reduce_s)))
+        decode_tok_s = session_decode_tok_s(model, ids[:p["prompt"]], ids[p["prompt"]:])
+    print(json.dumps(dict(decode_tok_s=decode_tok_s, all_reduce_s=all_reduce_s)))
 
 
 # ------------------------------------------------------------------------------------------
