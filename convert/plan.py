@@ -148,6 +148,17 @@ def parse_keep(text):
     return keep
 
 
+def default_keep(dtype, model):
+    """The groups that a conversion to `dtype` keeps in another dtype unless --keep names them: q4
+    keeps the embedding and the output head in q8, as llama.cpp's q4_K_M keeps them in 6 bits.
+    Measured on the test checkpoints (README, "Quantized weights"): q8 there lowers q4's mean KL
+    from 0.12 to 0.10 (plain weights) and from 0.64 to 0.51 (trained-like), for 23% more bytes on
+    Qwen3-0.6B, whose decode speed moved within the shared machine's noise."""
+    if dtype != "q4":
+        return {}
+    return {"embed": "q8"} if model["tie_word_embeddings"] else {"embed": "q8", "lm_head": "q8"}
+
+
 def make_plan(source_dir, tp, dtype="auto", keep=None):
     config_path = source_dir / "config.json"
     if not config_path.exists():
@@ -155,7 +166,7 @@ def make_plan(source_dir, tp, dtype="auto", keep=None):
     raw_config = read_json(config_path, MAX_CONFIG_BYTES)
     model = normalize_config(raw_config, source=str(config_path))
     all_sources = read_tensors(source_dir)
-    layout = make_layout(model, tp, _weights_dtype(dtype, all_sources), keep)
+    layout = make_layout(model, tp, _weights_dtype(dtype, all_sources), {**default_keep(dtype, model), **(keep or {})})
     used = global_tensors(model, layout)
     _check_sources(used, all_sources)
     sources = {name: all_sources[name] for name in used}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import __version__, _core
-from ..formats.dtypes import QUANTIZED, DtypeOverflow, convert, quantize_q8, row_bytes, storage_dtype
+from ..formats.dtypes import QUANTIZED, DtypeOverflow, convert, quantize, row_bytes, storage_dtype
 from ..formats.rankfile import VERSION, RankFileWriter, crc_hex, rank_file_name
 from ..formats.reader import MANIFEST
 from .. import schema
@@ -92,15 +92,15 @@ def _write_rows(dest, rows, first_row, dtype):
             return
         block = rows[lo - first_row:hi - first_row]
         dest_row = part["at"] + lo - part["start"]
-    if dtype == "q8":
-        block = _quantized(block, dest)
+    if dtype in QUANTIZED:
+        block = _quantized(block, dtype, dest)
     dest.writer.write(record["offset"] + dest_row * row_bytes(dtype, record["shape"][-1]), block)
     record["_crc"] = _core.crc32c(block, record["_crc"])
 
 
-def _quantized(values, dest):
+def _quantized(values, dtype, dest):
     try:
-        return quantize_q8(values)
+        return quantize(values, dtype)
     except DtypeOverflow as error:
         raise ConversionError(f"tensor {dest.part['source']}: {error}; convert it with --keep "
                               f"GROUP=bf16 or f32") from None

@@ -6,6 +6,12 @@ ml_dtypes.bfloat16 arrays (numpy's bfloat16, as JAX and TensorFlow use it).
 q8 is a block type (SPEC.md, "Quantized weights"): each row of a matrix is cut into blocks of 32
 values along the input dimension, the last one padded with zeros, and each block is stored as an
 f16 scale d and 32 int8 values q, the value being q * d (the layout of llama.cpp's block_q8_0).
+
+q4 is a two-level block type, llama.cpp's block_q4_K: blocks of 256 values along the input
+dimension, each 8 sub-blocks of 32 with a 6-bit scale and a 6-bit minimum apiece, themselves
+scaled by the block's two f16 numbers, and 4-bit values; 4.5 bits a weight. quantize_q4 follows
+SPEC.md's rule to the bit (an error-minimising search per sub-block, as llama.cpp's
+make_qkx2_quants, with every sum in a fixed order).
 """
 import ml_dtypes
 import numpy as np
@@ -22,10 +28,15 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 
 F16_MAX = float(np.finfo(np.float16).max)
 
-QUANTIZED = ("q8",)
+QUANTIZED = ("q8", "q4")
 Q8_BLOCK = 32  # values per block
 Q8_BLOCK_DTYPE = np.dtype([("d", "<f2"), ("q", "i1", (Q8_BLOCK,))])  # 34 bytes, no padding
 Q8_MAX_SCALE = F16_MAX  # the largest block scale: blocks up to |x| = 127 * 65504 quantize
+
+
+Q4_BLOCK, Q4_SUB = 256, 32  # values per block and per sub-block
+Q4_BLOCK_DTYPE = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (128,))])  # 144 bytes
+BLOCK_TYPES = {"q8": (Q8_BLOCK, Q8_BLOCK_DTYPE), "q4": (Q4_BLOCK, Q4_BLOCK_DTYPE)}
 
 
 def element_size(dtype):
@@ -33,9 +44,10 @@ def element_size(dtype):
 
 
 def row_bytes(dtype, columns):
-    """Bytes of one stored row of `columns` values (q8: whole blocks, the last one padded)."""
-    if dtype == "q8":
-        return -(-columns // Q8_BLOCK) * Q8_BLOCK_DTYPE.itemsize
+    """Bytes of one stored row of `columns` values (q8, q4: whole blocks, the last one padded)."""
+    if dtype in BLOCK_TYPES:
+        block, block_dtype = BLOCK_TYPES[dtype]
+        return -(-columns // block) * block_dtype.itemsize
     return columns * element_size(dtype)
 
 
@@ -51,8 +63,8 @@ def storage_dtype(dtype):
 
 def values_dtype(dtype):
     """The numpy dtype of the values: bf16 as ml_dtypes.bfloat16 (same bytes as the storage),
-    q8 dequantized to float32."""
-    if dtype == "q8":
+    q8 and q4 dequantized to float32."""
+    if dtype in QUANTIZED:
         return np.dtype(np.float32)
     return np.dtype(ml_dtypes.bfloat16) if dtype == "bf16" else storage_dtype(dtype)
 
@@ -141,4 +153,150 @@ def dequantize_q8(blocks, columns):
     """float32 values [rows, columns] of q8 `blocks` [rows, blocks per row] (q * d, exact in f32)."""
     blocks = np.asarray(blocks).view(Q8_BLOCK_DTYPE)
     values = blocks["q"].astype(np.float32) * blocks["d"].astype(np.float32)[..., None]
+    return values.reshape(len(blocks), -1)[:, :columns]
+
+
+def quantize(values, dtype):
+    """Rows of float32 `values` as blocks of the quantized `dtype`."""
+    return quantize_q8(values) if dtype == "q8" else quantize_q4(values)
+
+
+def dequantize(blocks, dtype, columns):
+    """float32 values [rows, columns] of rows of blocks of the quantized `dtype`."""
+    return dequantize_q8(blocks, columns) if dtype == "q8" else dequantize_q4(blocks, columns)
+
+
+# ---- q4 (SPEC.md, "Quantized weights: q4"); every step in float32, in the order written ----
+
+# The search's 21 candidate level counts: f32(14 + k / 10), k = 0..20 (llama.cpp's rmin = -1,
+# rdelta = 0.1, nstep = 20 for 15 levels).
+_Q4_CANDIDATES = np.array([14 + k / 10 for k in range(21)]).astype(np.float32)
+
+
+def _sum32(v):
+    """Sums over the first axis (32 values) by halving: v[i] + v[i + 16], then + 8, + 4, + 2, + 1."""
+    while len(v) > 1:
+        half = len(v) // 2
+        v = v[:half] + v[half:]
+    return v[0]
+
+
+def _weighted_error(scale, low, sums):
+    """sum w (scale * q + low - x)^2, expanded over the sums of the fit."""
+    sum_w, sum_x, sum_xx, sum_q, sum_qq, sum_xq = sums
+    two = np.float32(2)
+    return (scale * (scale * sum_qq - two * sum_xq) + low * (low * sum_w - two * sum_x)
+            + two * scale * low * sum_q + sum_xx)
+
+
+def _fit_sub_blocks(x):
+    """The scale s >= 0 and minimum m >= 0 of each column of x [32, n] (values s * q - m, q in
+    0..15) that minimise the squared error weighted by w = rms(x) + |x|, searched as llama.cpp's
+    make_qkx2_quants searches. (Sub-blocks are columns so that the sums add whole rows.)"""
+    f32 = np.float32
+    w = np.sqrt(_sum32(x * x) / f32(32)) + np.abs(x)
+    low, high = np.minimum(x.min(0), f32(0)), x.max(0)
+    flat = high == low
+    span = np.where(flat, f32(1), high - low)
+    shifted = x - low  # >= 0: the levels need no clipping at 0
+    wx = w * x
+    sum_w, sum_x, sum_xx = _sum32(w), _sum32(wx), _sum32(wx * x)
+    q, wq = np.empty_like(x), np.empty_like(x)
+
+    def fit(count):
+        np.multiply(shifted, count / span, out=q)
+        np.rint(q, out=q)
+        np.minimum(q, f32(15), out=q)
+        np.multiply(w, q, out=wq)
+        return sum_w, sum_x, sum_xx, _sum32(wq), _sum32(wq * q), _sum32(wq * x)
+
+    scale = f32(1) / (f32(15) / span)
+    best = _weighted_error(scale, low, fit(f32(15)))
+    for count in _Q4_CANDIDATES:
+        sums = fit(count)
+        _, _, _, sum_q, sum_qq, sum_xq = sums
+        det = sum_w * sum_qq - sum_q * sum_q
+        solvable = det > 0
+        det = np.where(solvable, det, f32(1))
+        s = (sum_w * sum_xq - sum_x * sum_q) / det
+        m = (sum_qq * sum_x - sum_q * sum_xq) / det
+        positive = m > 0  # the minimum is kept <= 0: s alone fits, m = 0
+        s = np.where(positive, sum_xq / np.where(sum_qq > 0, sum_qq, f32(1)), s)
+        m = np.where(positive, f32(0), m)
+        error = _weighted_error(s, m, sums)
+        better = solvable & (error < best)
+        best = np.where(better, error, best)
+        scale, low = np.where(better, s, scale), np.where(better, m, low)
+    return np.where(flat, f32(0), scale), f32(0) - low  # +0.0 where low = 0: a block of zeros is zero bytes
+
+
+def _six_bits(values, largest):
+    """values in [0, largest] as integers 0..63 of largest / 63 each: round(values * (63 / largest))."""
+    inverse = np.divide(np.float32(63), largest, out=np.zeros_like(largest), where=largest > 0)
+    return np.clip(np.rint(inverse[:, None] * values), 0, 63).astype(np.uint8)
+
+
+def quantize_q4(values):
+    """Rows of float32 `values` [rows, columns] as q4 blocks [rows, ceil(columns / 256)] (SPEC.md:
+    each sub-block's scale and minimum by the search, the block's 6-bit codes of them, then each
+    value's 4-bit level against the stored scale and minimum). Raises DtypeOverflow when a block's
+    scale exceeds the f16 range."""
+    values = np.asarray(values, dtype=np.float32)
+    rows, columns = values.shape
+    blocks = -(-columns // Q4_BLOCK)
+    padded = np.zeros((rows, blocks * Q4_BLOCK), dtype=np.float32)
+    padded[:, :columns] = values
+    padded = padded.reshape(-1, Q4_SUB)
+    columns_first = np.ascontiguousarray(padded.T)
+    fits = [_fit_sub_blocks(columns_first[:, i:i + _FIT_CHUNK]) for i in range(0, len(padded), _FIT_CHUNK)]
+    scale, minimum = (np.concatenate(v).reshape(-1, 8) for v in zip(*fits)) if fits else (np.zeros((0, 8), np.float32),) * 2
+    largest_scale, largest_min = scale.max(-1, initial=0), minimum.max(-1, initial=0)
+    if largest_scale.size and max(largest_scale.max(), largest_min.max()) / 63 > Q8_MAX_SCALE:
+        raise DtypeOverflow(f"value {float(np.abs(values).max()):g} exceeds the q4 range")
+    sc, mn = _six_bits(scale, largest_scale), _six_bits(minimum, largest_min)
+    d, dmin = (largest_scale / np.float32(63)).astype(np.float16), (largest_min / np.float32(63)).astype(np.float16)
+    step = (d.astype(np.float32)[:, None] * sc).reshape(-1)
+    shift = (dmin.astype(np.float32)[:, None] * mn).reshape(-1)
+    levels = np.rint((padded + shift[:, None]) / np.where(step > 0, step, np.float32(1))[:, None])
+    levels = np.where(step[:, None] > 0, np.clip(levels, 0, 15), 0).astype(np.uint8).reshape(-1, 4, 2, 32)
+    out = np.empty((rows, blocks), dtype=Q4_BLOCK_DTYPE)
+    out["d"], out["dmin"] = d.reshape(rows, blocks), dmin.reshape(rows, blocks)
+    out["scales"] = _pack_scales(sc, mn).reshape(rows, blocks, 12)
+    out["qs"] = (levels[:, :, 0] | (levels[:, :, 1] << 4)).reshape(rows, blocks, 128)
+    return out
+
+
+_FIT_CHUNK = 8192  # sub-blocks fitted at a time: the search's arrays stay in the cache (3x faster than all at once)
+
+
+def _pack_scales(sc, mn):
+    """The 12 bytes of 8 scales and 8 minimums of 6 bits: j < 4 in the low 6 bits of bytes j
+    (scale) and j + 4 (minimum); j >= 4 in the low (scale) and high (minimum) nibble of byte
+    j + 4, their top 2 bits in bits 6-7 of bytes j - 4 and j."""
+    out = np.empty((len(sc), 12), np.uint8)
+    out[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = mn[:, 0:4] | ((mn[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 0xF) | ((mn[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _unpack_scales(packed):
+    sc = np.empty(packed.shape[:-1] + (8,), np.uint8)
+    mn = np.empty_like(sc)
+    sc[..., 0:4], mn[..., 0:4] = packed[..., 0:4] & 63, packed[..., 4:8] & 63
+    sc[..., 4:8] = (packed[..., 8:12] & 0xF) | ((packed[..., 0:4] >> 6) << 4)
+    mn[..., 4:8] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def dequantize_q4(blocks, columns):
+    """float32 values [rows, columns] of q4 `blocks` [rows, blocks per row]: (d * sc) * q - dmin * mn,
+    one rounding (the products with the 6-bit codes are exact)."""
+    blocks = np.asarray(blocks).view(Q4_BLOCK_DTYPE)
+    sc, mn = _unpack_scales(blocks["scales"])
+    step = blocks["d"].astype(np.float32)[..., None] * sc
+    shift = blocks["dmin"].astype(np.float32)[..., None] * mn
+    qs = blocks["qs"].reshape(blocks.shape + (4, 32))
+    levels = np.stack([qs & 0xF, qs >> 4], axis=-2).reshape(blocks.shape + (8, 32)).astype(np.float32)
+    values = step[..., None] * levels - shift[..., None]
     return values.reshape(len(blocks), -1)[:, :columns]

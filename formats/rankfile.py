@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import _core
 
 MAGIC = b"Q3PACK\r\n"
-VERSION = (1, 1)
+VERSION = (1, 2)
 PREFIX = struct.Struct("<8sHHIIIQQQ16s")  # magic, major, minor, rank, world_size, header_crc32c,
 #                                           header_length, data_offset, file_size, conversion_id
 assert PREFIX.size == 64

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _core, schema
-from .dtypes import dequantize_q8, tensor_bytes, values_dtype
+from .dtypes import QUANTIZED, dequantize, tensor_bytes, values_dtype
 from .files import MAX_JSON_BYTES, open_regular, parse_json, read_into, read_json
 from .layout import LayoutError, global_tensors, make_layout, rank_tensors
 from .rankfile import (DATA_ALIGNMENT, MAGIC, PREFIX, TENSOR_ALIGNMENT, VERSION, FormatError,
@@ -36,14 +36,14 @@ class RankFile:
 
     def array(self, name):
         """A read-only memory-mapped view of one tensor's values (bf16 as ml_dtypes.bfloat16);
-        a q8 tensor's values dequantized, in a new float32 array."""
+        a q8 or q4 tensor's values dequantized, in a new float32 array."""
         record = self.tensors[name]
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = self._mmap[record["offset"]:record["offset"] + record["nbytes"]]
-        if record["dtype"] == "q8":
+        if record["dtype"] in QUANTIZED:
             rows = record["shape"][0] if len(record["shape"]) == 2 else 1
-            return dequantize_q8(raw.reshape(rows, -1), record["shape"][-1]).reshape(record["shape"])
+            return dequantize(raw.reshape(rows, -1), record["dtype"], record["shape"][-1]).reshape(record["shape"])
         return raw.view(values_dtype(record["dtype"])).reshape(record["shape"])
 
 
@@ -285,7 +285,7 @@ def open(directory, ranks=None):
 
 def gather(directory, name):
     """The global Hugging Face tensor `name`, rebuilt from the slices that the ranks hold (in the
-    stored dtype: bf16 as ml_dtypes.bfloat16, numpy's bf16; q8 dequantized to float32, each
+    stored dtype: bf16 as ml_dtypes.bfloat16, numpy's bf16; q8, q4 dequantized to float32, each
     rank's blocks without their padding). Copies of replicated slices must agree."""
     converted = directory if isinstance(directory, ConvertedModel) else open(directory)
     if name not in converted.manifest["tensors"]:

@@ -125,8 +125,8 @@ BF16_CACHE = """
 
 
 @needs_mpi
-@pytest.mark.parametrize("dtype,activations", [("q8", "f32"), ("bf16", "bf16")])
-def test_q8_or_bf16_activations_with_a_bf16_kv_cache_over_mpi_equal_the_threads_backend_bit_for_bit(
+@pytest.mark.parametrize("dtype,activations", [("q8", "f32"), ("q4", "f32"), ("bf16", "bf16")])
+def test_quantized_weights_or_bf16_activations_with_a_bf16_kv_cache_over_mpi_equal_the_threads_backend_bit_for_bit(
         checkpoints, tmp_path, dtype, activations):
     directory = tmp_path / dtype
     convert(checkpoints(seed=5), directory, tp=2, dtype=dtype)

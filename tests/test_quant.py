@@ -158,7 +158,7 @@ def q8_model(checkpoint, tmp_path_factory):
 def test_a_q8_conversion_validates_and_quantizes_each_ranks_slice(checkpoint, q8_model):
     assert formats.validate(q8_model).ok
     converted = formats.open(q8_model)
-    assert converted.manifest["format_version"] == [1, 1] and converted.layout["dtype"] == "q8"
+    assert converted.manifest["format_version"] == [1, 2] and converted.layout["dtype"] == "q8"
     record = converted.ranks[1].tensors[O_PROJ]
     assert record["dtype"] == "q8" and record["shape"] == [72, 48] and record["nbytes"] == 72 * 2 * 34
     assert converted.ranks[0].tensors["model.norm.weight"]["dtype"] == "f32"
@@ -235,7 +235,7 @@ def test_keep_sets_the_dtype_of_groups_of_weights(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("keep,message", [
     ("head=q8", "--keep: 'head=q8' is not GROUP=DTYPE with a group of embed, lm_head"),
-    ("embed=q4", "--keep: 'embed=q4' is not GROUP=DTYPE"),
+    ("embed=q3", "--keep: 'embed=q3' is not GROUP=DTYPE"),
     ("embed", "--keep: 'embed' is not GROUP=DTYPE"),
     ("embed=q8,embed=f32", "--keep: embed is given twice"),
 ])

@@ -72,7 +72,7 @@ def test_the_manifest_records_the_reshard_and_keeps_the_checkpoint_files(tmp_pat
         "sources": source["provenance"]["sources"],
         "resharded_from": {"conversion_id": source["conversion_id"], "tp": 2},
     }
-    identity = {"format": [1, 1], "reshard": {"conversion_id": source["conversion_id"], "tp": 4}}
+    identity = {"format": [1, 2], "reshard": {"conversion_id": source["conversion_id"], "tp": 4}}
     assert resharded["conversion_id"] == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     assert {r.conversion_id.hex() for r in formats.open(tmp_path / "tp4").ranks} == {resharded["conversion_id"]}
 

@@ -349,7 +349,7 @@ std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::
 
 // y = x W^T with one instruction set's kernel, as the engine runs it (for the kernel tests).
 // W holds the raw values of dtype `dtype` (f32, or the 16-bit patterns of bf16/f16), or for q8
-// the bytes of its rows of blocks, [out, row bytes] (x is then quantized as the engine does).
+// and q4 the bytes of its rows of blocks, [out, row bytes] (x is then quantized as the engine does).
 FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
                            nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> w, const std::string& dtype,
                            const std::string& isa, const std::string& activations) {
@@ -358,14 +358,14 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
   if (activations != "f32" && (activations != "bf16" || dt != q3p::DType::BF16))
     throw q3p::UsageError("activations must be 'f32', or 'bf16' for bf16 weights, got '" + activations + "'");
   const size_t n = x.shape(0), in = x.shape(1), out = w.shape(0);
-  const bool q8 = dt == q3p::DType::Q8;
-  if (q8 ? w.shape(1) * w.itemsize() != q3p::row_bytes(dt, in) : (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt)))
+  const bool blocks = dt == q3p::DType::Q8 || dt == q3p::DType::Q4;
+  if (blocks ? w.shape(1) * w.itemsize() != q3p::row_bytes(dt, in) : (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt)))
     throw q3p::UsageError("w must be [out, in] of " + dtype + " values");
   const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
-  if (q8) {
+  std::vector<float> y(n * out);
+  if (dt == q3p::DType::Q8) {
     std::vector<q3p::BlockQ8Act> xq(n * q3p::q8_blocks(in));
     for (size_t t = 0; t < n; ++t) q3p::quantize_row_q8(x.data() + t * in, in, xq.data() + t * q3p::q8_blocks(in));
-    std::vector<float> y(n * out);
     q3p::MatmulQ8Args a;
     a.x = xq.data();
     a.n = n;
@@ -374,6 +374,19 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
     a.w = static_cast<const q3p::BlockQ8*>(w.data());
     a.y = y.data();
     kernel.matmul_q8(a, 0, out);
+    return make_array(std::move(y), {n, out});
+  }
+  if (dt == q3p::DType::Q4) {
+    std::vector<q3p::BlockQ8K> xq(n * q3p::q4_blocks(in));
+    for (size_t t = 0; t < n; ++t) q3p::quantize_row_q8k(x.data() + t * in, in, xq.data() + t * q3p::q4_blocks(in));
+    q3p::MatmulQ4Args a;
+    a.x = xq.data();
+    a.n = n;
+    a.in = in;
+    a.out = out;
+    a.w = static_cast<const q3p::BlockQ4*>(w.data());
+    a.y = y.data();
+    kernel.matmul_q4(a, 0, out);
     return make_array(std::move(y), {n, out});
   }
   q3p::MatmulArgs a;
@@ -389,7 +402,6 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
     q3p::to_bf16(x.data(), x_bf16.data(), n * in);
     a.x_bf16 = x_bf16.data();
   }
-  std::vector<float> y(n * out);
   a.y = y.data();
   kernel.matmul(a, 0, out);
   return make_array(std::move(y), {n, out});
@@ -505,7 +517,7 @@ NB_MODULE(_core, m) {
   m.attr("ATTENTION_TILE") = q3p::kAttentionTile;
   m.def("to_bf16", &to_bf16, "x"_a, "float32 values rounded to bf16 (ties to even), as uint16 bit patterns.");
   m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a, "activations"_a = "f32",
-        "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8 "
+        "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8/q4 "
         "rows of blocks as bytes [out, row bytes]; activations='bf16': x rounded to bf16 first, as "
         "load(..., activations='bf16') does).");
   m.def("quantize_q8", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {

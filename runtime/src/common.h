@@ -32,13 +32,20 @@ struct ClosedError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Q8: blocks of 32 values along a row, each an f16 scale and 32 int8 values (quant.h).
-enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3 };
+// Q8: blocks of 32 values along a row, each an f16 scale and 32 int8 values; Q4: blocks of 256
+// values, 8 sub-blocks of 32 with 6-bit scales and minimums and 4-bit values (quant.h).
+enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4 };
 
-// The element size of a plain dtype (not of Q8: see row_bytes).
+// The element size of a plain dtype (not of Q8 or Q4: see row_bytes).
 inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
 inline const char* dtype_name(DType t) {
-  return t == DType::F32 ? "f32" : (t == DType::F16 ? "f16" : (t == DType::BF16 ? "bf16" : "q8"));
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::F16: return "f16";
+    case DType::BF16: return "bf16";
+    case DType::Q8: return "q8";
+    default: return "q4";
+  }
 }
 // Returns false for an unknown name.
 inline bool parse_dtype(const std::string& s, DType* out) {
@@ -46,14 +53,18 @@ inline bool parse_dtype(const std::string& s, DType* out) {
   else if (s == "f16") *out = DType::F16;
   else if (s == "bf16") *out = DType::BF16;
   else if (s == "q8") *out = DType::Q8;
+  else if (s == "q4") *out = DType::Q4;
   else return false;
   return true;
 }
 
-// Bytes of one stored row of `cols` values: Q8 rows are whole blocks of 32 (34 bytes each), the
-// last one padded with zeros. cols <= 2^32, as the loader checks, so nothing overflows.
+// Bytes of one stored row of `cols` values: Q8 rows are whole blocks of 32 (34 bytes each), Q4
+// rows whole blocks of 256 (144 bytes each), the last one padded with zeros. cols <= 2^32, as the
+// loader checks, so nothing overflows.
 inline uint64_t row_bytes(DType t, uint64_t cols) {
-  return t == DType::Q8 ? (cols + 31) / 32 * 34 : cols * dtype_size(t);
+  if (t == DType::Q8) return (cols + 31) / 32 * 34;
+  if (t == DType::Q4) return (cols + 255) / 256 * 144;
+  return cols * dtype_size(t);
 }
 
 // Overflow-checked unsigned arithmetic: false when the result does not fit.

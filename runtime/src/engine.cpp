@@ -229,6 +229,7 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.logits.resize(S * V);
     w.softmax_state.resize(T * 2 * (Nq / Nkv));
     if (layout_.stores(DType::Q8)) w.xq.resize(N * q8_blocks(std::max({H, Nq * D, I})));
+    if (layout_.stores(DType::Q4)) w.xq4.resize(N * q4_blocks(std::max({H, Nq * D, I})));
     if (bf16_activations_) w.x_bf16.resize(N * std::max({H, Nq * D, I}));
   }
   if (holds_logits) gathered_.resize(W * S * V);
@@ -312,6 +313,10 @@ void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, flo
     matmul_q8(rank, a);
     return;
   }
+  if (w.dtype == DType::Q4) {
+    matmul_q4(rank, a);
+    return;
+  }
   if (bf16_activations_ && w.dtype == DType::BF16) {  // rounded once here, for all the threads' rows
     uint16_t* x_bf16 = work_[static_cast<size_t>(rank)].x_bf16.data();
     parallel_for(pool, n, [&](int, size_t b, size_t e) { to_bf16(x + b * a.in, x_bf16 + b * a.in, (e - b) * a.in); });
@@ -339,6 +344,24 @@ void Engine::matmul_q8(int rank, const MatmulArgs& a) {
   for_row_chunks(pool, a.out, [&](size_t o0, size_t o1) { kernels_.matmul_q8(q, o0, o1); });
 }
 
+// As matmul_q8, with the activations in blocks of 256 (quant.h).
+void Engine::matmul_q4(int rank, const MatmulArgs& a) {
+  ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
+  BlockQ8K* xq = work_[static_cast<size_t>(rank)].xq4.data();
+  const size_t blocks = q4_blocks(a.in);
+  parallel_for(pool, a.n, [&](int, size_t b, size_t e) {
+    for (size_t t = b; t < e; ++t) quantize_row_q8k(a.x + t * a.in, a.in, xq + t * blocks);
+  });
+  MatmulQ4Args q;
+  q.x = xq;
+  q.n = a.n;
+  q.in = a.in;
+  q.out = a.out;
+  q.w = static_cast<const BlockQ4*>(a.w);
+  q.y = a.y;
+  for_row_chunks(pool, a.out, [&](size_t o0, size_t o1) { kernels_.matmul_q4(q, o0, o1); });
+}
+
 void Engine::rank_forward(int rank) {
   RankWork& w = work_[static_cast<size_t>(rank)];
   const RankWeights& wt = weights_[static_cast<size_t>(rank)];
@@ -354,7 +377,7 @@ void Engine::rank_forward(int rank) {
   // Embedding: rank g holds vocabulary rows [g * V, (g + 1) * V) (g = first_rank() + rank); the others are zero
   // here, and the all-reduce assembles every token's row (adding exact zeros).
   const int64_t first_row = static_cast<int64_t>(first_rank() + rank) * static_cast<int64_t>(V);
-  const size_t embed_row = row_bytes(wt.embed.dtype, H);  // a q8 row is dequantized on lookup
+  const size_t embed_row = row_bytes(wt.embed.dtype, H);  // a q8 or q4 row is dequantized on lookup
   parallel_for(pool, N, [&](int, size_t b, size_t e) {
     for (size_t t = b; t < e; ++t) {
       const int64_t local = tok_ids_[t] - first_row;

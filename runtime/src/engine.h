@@ -100,6 +100,7 @@ class Engine {
     std::vector<float> x, xn, qkv, attn, proj, gate_up, act, sel, logits;
     std::vector<float> softmax_state;  // per pool thread: the running max and sum of G query heads
     std::vector<BlockQ8Act> xq;  // the activations of a product on q8 weights, quantized
+    std::vector<BlockQ8K> xq4;  // and on q4 weights
     std::vector<uint16_t> x_bf16;  // a matrix product's input rounded to bf16 (bf16_activations)
   };
   struct Seq {  // one request during a forward
@@ -115,6 +116,7 @@ class Engine {
   void rank_forward(int rank);
   void matmul(int rank, const float* x, size_t n, const TensorView& w, float* y);
   void matmul_q8(int rank, const MatmulArgs& a);
+  void matmul_q4(int rank, const MatmulArgs& a);
   void attention(int rank, int64_t layer);
   void attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_head, float* state);
   void store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_begin, int64_t kv_end);

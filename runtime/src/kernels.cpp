@@ -59,6 +59,8 @@ void to_f32(const void* src, DType dt, float* dst, size_t n) {
     for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
   } else if (dt == DType::Q8) {
     dequantize_row_q8(static_cast<const BlockQ8*>(src), dst, n);
+  } else if (dt == DType::Q4) {
+    dequantize_row_q4(static_cast<const BlockQ4*>(src), dst, n);
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     size_t i = 0;
@@ -151,6 +153,7 @@ Kernels matrix_kernels_for(Isa isa) {
 Kernels kernel_for(Isa isa) {
   Kernels k = matrix_kernels_for(isa);
   k.matmul_q8 = matmul_q8_for(k.isa);
+  k.matmul_q4 = matmul_q4_for(k.isa);
   return k;
 }
 }  // namespace

@@ -1,4 +1,4 @@
-// q8 blocks (formats/SPEC.md, "Quantized weights") and the products on them.
+// q8 and q4 blocks (formats/SPEC.md, "Quantized weights") and the products on them.
 //
 // A weight row of `in` values is ceil(in / 32) blocks {f16 d; int8 q[32]}, value = q * d, the
 // last block padded with zeros. Activations are quantized the same way once per matmul (scale in
@@ -62,5 +62,65 @@ void matmul_q8_avx512vnni(const MatmulQ8Args& a, size_t o0, size_t o1);
 // The q8 product of an instruction set of kernels.h: AVX-512 uses VNNI where the CPU has it
 // (else the AVX2 product).
 Kernels::MatmulQ8 matmul_q8_for(Isa isa);
+
+// ---- q4: llama.cpp's block_q4_K ----
+//
+// A weight row of `in` values is ceil(in / 256) blocks of 8 sub-blocks of 32 values, the last
+// block padded with zeros. Value i of sub-block j is D * sc_j * q_i - M * m_j, with D, M the
+// block's f16 scales, sc_j, m_j its 6-bit sub-block scales and minimums, q_i 4 bits unsigned.
+// Activations are quantized per block of 256 (BlockQ8K: one scale, as llama.cpp's q8_K, with each
+// sub-block's sum of values), so that a block's products add up in integers:
+//   x . w = (D x.d) sum_j sc_j (sum_i q_i x.q_i) - (M x.d) sum_j m_j x.sum_j.
+// Every kernel computes it in this order (the integer sums are exact, and below 2^24 so that their
+// conversions to f32 are too; only the steps below round):
+//   acc[8] = 0, mins[8] = 0
+//   for each block in order, with s = D * x.d and m = M * x.d (each rounded once), for k < 8:
+//       I_k = sum over j < 8 of sc_j * (the 4 products q_i x.q_i of values [4k, 4k + 4) of sub-block j)
+//       acc[k] = fma(s, float(I_k), acc[k])
+//     and for j < 8: mins[j] = fma(m, float(m_j * x.sum_j), mins[j])
+//   y = A - B, A and B = acc and mins reduced pairwise: v[k] += v[k + w] for w = 4, 2, 1, then v[0].
+//
+// Why activations in blocks of 256 and not of 32 as for q8: a scale per 32 costs a conversion and
+// an FMA per 32 products, which made the q4 product as slow as q8's on half the bytes (measured,
+// kernels_q4_tiles.inc); the coarser activation steps add an error far below the 4-bit weights'.
+
+constexpr size_t kQ4Block = 256, kQ4Sub = 32;
+
+struct BlockQ4 {        // a stored block of weights: 144 bytes, as llama.cpp's block_q4_K
+  uint16_t d, dmin;     // f16: the scale of the sub-block scales, and of the sub-block minimums
+  uint8_t scales[12];   // 8 scales and 8 minimums of 6 bits (q4_scales_generic unpacks them)
+  uint8_t qs[kQ4Block / 2];  // byte 32c + l: value l of sub-block 2c (low nibble) and of 2c + 1 (high)
+};
+static_assert(sizeof(BlockQ4) == 144, "q4 blocks are 144 bytes in the file");
+
+struct BlockQ8K {    // 256 activations, quantized for one matmul on q4 weights
+  float d;            // max |x| / 127
+  int32_t sum[8];     // each sub-block's sum of q
+  int8_t q[kQ4Block];
+};
+
+inline size_t q4_blocks(size_t n) { return (n + kQ4Block - 1) / kQ4Block; }
+
+// Quantizes n values into q4_blocks(n) activation blocks (zeros beyond n), each block of 256 as
+// quantize_row_q8 quantizes a block of 32.
+void quantize_row_q8k(const float* x, size_t n, BlockQ8K* out);
+// The first n values of q4 blocks, as f32: (D * sc) * q - M * m, rounded once.
+void dequantize_row_q4(const BlockQ4* blocks, float* dst, size_t n);
+
+struct MatmulQ4Args {
+  const BlockQ8K* x = nullptr;
+  size_t n = 0, in = 0, out = 0;
+  const BlockQ4* w = nullptr;
+  float* y = nullptr;
+};
+
+void matmul_q4_generic(const MatmulQ4Args& a, size_t o0, size_t o1);
+#if defined(__x86_64__)
+void matmul_q4_avx2(const MatmulQ4Args& a, size_t o0, size_t o1);
+void matmul_q4_avx512vnni(const MatmulQ4Args& a, size_t o0, size_t o1);
+#endif
+
+// The q4 product of an instruction set, chosen as matmul_q8_for chooses.
+Kernels::MatmulQ4 matmul_q4_for(Isa isa);
 
 }  // namespace q3p
