@@ -37,16 +37,17 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
         assert set(printed["mpi"]) == {"processes", "tp", "decode_tok_s", "threads_decode_tok_s", "all_reduce_floats",
                                        "all_reduce_s", "threads_all_reduce_s"}
         assert printed["mpi"]["decode_tok_s"] > 0 and printed["mpi"]["all_reduce_s"] > 0
-    q8 = printed["q8"]
-    assert [r["threads"] for r in q8["runs"]] == [1, 2] and all(set(r) == RUN_FIELDS for r in q8["runs"])
-    assert set(q8["over_bf16"]) == {"1", "2"} and set(q8["over_bf16"]["1"]) == {"prefill", "decode"}
-    assert set(q8["accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
-    assert 0 <= q8["accuracy"]["top1"] <= 1 and q8["accuracy"]["mean_kl"] >= 0
+    for dtype in ("q8", "q4"):
+        q = printed[dtype]
+        assert [r["threads"] for r in q["runs"]] == [1, 2] and all(set(r) == RUN_FIELDS for r in q["runs"])
+        assert set(q["over_bf16"]) == {"1", "2"} and set(q["over_bf16"]["1"]) == {"prefill", "decode"}
+        assert set(q["accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
+        assert 0 <= q["accuracy"]["top1"] <= 1 and q["accuracy"]["mean_kl"] >= 0
 
     bench.print_table(results)
     table = capsys.readouterr().out
     for line in ("read bandwidth", "FMA peak", "with bf16 activations", "decode b16", "decode from position 40",
-                 "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "q8 against the f32 model",
+                 "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "q8 against the f32 model", "q4 weights at tp 1", "q4 against the f32 model",
                  "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):
         assert line in table
 

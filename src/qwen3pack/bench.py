@@ -22,8 +22,9 @@ activations="bf16")):
   tokens/s at batch 1 against tp 2 with 2 threads in one process, and the latency of one
   all-reduce of a decode step's hidden vector over MPI and between threads (two per layer);
   otherwise "MPI: not installed".
-- q8 weights (tp 1, 1 and 2 threads): the same figures, measured in the same rounds as bf16, as
-  ratios over bf16; and their accuracy against the f32 model on the same checkpoint and prompts
+- q8 and q4 weights (tp 1, 1 and 2 threads; q4 as `--dtype q4` converts, its embedding in q8):
+  the same figures, each measured right after bf16 at the same threads in every round, as ratios
+  over bf16; and their accuracy against the f32 model on the same checkpoint and prompts
   (the bf16 conversion: the runtime computes in f32 and holds the bf16 weights exactly): mean KL
   divergence of the next-token distributions, top-1 agreement, largest logit error. The random
   checkpoint is drawn trained-like (testing.make_checkpoint: outlier columns, logits of a
@@ -54,7 +55,8 @@ SIZES = {"0.6b": "Qwen3-0.6B.json", "1.7b": "Qwen3-1.7B.json"}
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps")
 RUNS = [(1, 1, "f32"), (1, 2, "f32"), (2, 2, "f32"), (1, 1, "bf16"), (1, 2, "bf16")]  # (tp, threads, activations)
-Q8_THREADS = (1, 2)  # q8 at tp 1
+QUANTIZED = ("q8", "q4")  # at tp 1
+QUANTIZED_THREADS = (1, 2)
 BATCHES = (1, 4, 16)
 LONG_CONTEXT_THREADS = 2  # at tp 1
 KV_DTYPES = ("f32", "bf16")
@@ -337,9 +339,10 @@ def run(args):
         converted[1] = work / "tp1"
         convert(source, converted[1], tp=1)
         weight_bytes = sum(r.file_size for r in formats.open(converted[1]).ranks)
-        q8_dir = work / "q8"
-        convert(source, q8_dir, tp=1, dtype="q8")
-        q8_bytes = sum(r.file_size for r in formats.open(q8_dir).ranks)
+        quantized_dirs = {}
+        for dtype in QUANTIZED:
+            quantized_dirs[dtype] = work / dtype
+            convert(source, quantized_dirs[dtype], tp=1, dtype=dtype)
         gguf = llama_cpp_gguf(source, work)
 
         isa = _core.supported_isas()[-1] if not os.environ.get("QWEN3PACK_ISA") else os.environ["QWEN3PACK_ISA"]
@@ -347,7 +350,7 @@ def run(args):
         peak = {act: {t: t * _core.fma_peak_flops(isa, p["fma_seconds"], act) for t in threads_used}
                 for act in ("f32", "bf16")}
         samples = {run: [] for run in RUNS}
-        q8_samples = {t: [] for t in Q8_THREADS}
+        quantized_samples = {dtype: {t: [] for t in QUANTIZED_THREADS} for dtype in QUANTIZED}
         long_context = {kv: [] for kv in KV_DTYPES}
         baselines = {name: {t: [] for t in threads_used} for name in ("transformers", "llama.cpp")}
         bandwidth = {t: [] for t in threads_used}
@@ -357,8 +360,10 @@ def run(args):
             for tp, threads, activations in RUNS:
                 samples[(tp, threads, activations)].append(
                     bench_runtime(converted[tp], threads, p, rng, args.kv_dtype, activations))
-                if tp == 1 and activations == "f32":  # q8 right after bf16 at the same threads: the same load
-                    q8_samples[threads].append(bench_runtime(q8_dir, threads, p, rng, args.kv_dtype))
+                if tp == 1 and activations == "f32":  # q8, q4 right after bf16 at the same threads: the same load
+                    for dtype in QUANTIZED:
+                        quantized_samples[dtype][threads].append(
+                            bench_runtime(quantized_dirs[dtype], threads, p, rng, args.kv_dtype))
             for kv in KV_DTYPES:
                 long_context[kv].append(bench_long_context(converted, p, rng, kv))
             for t in threads_used:
@@ -375,17 +380,9 @@ def run(args):
         flops_per_token = 2 * matrix_weights(config)
         runs = [summarize(tp, threads, activations, got, weight_bytes, bandwidth, flops_per_token, peak)
                 for (tp, threads, activations), got in samples.items()]
-        q8_runs = [summarize(1, threads, "f32", got, q8_bytes, bandwidth, flops_per_token, peak)
-                   for threads, got in q8_samples.items()]
-        # per round, q8 over the bf16 run just before it, then the median of those ratios
-        q8_over_bf16 = {t: dict(prefill=median([q["prefill_tok_s"] / b["prefill_tok_s"]
-                                                for q, b in zip(q8_samples[t], samples[(1, t, "f32")])]),
-                                decode=median([q["decode_tok_s"][1] / b["decode_tok_s"][1]
-                                               for q, b in zip(q8_samples[t], samples[(1, t, "f32")])]))
-                        for t in Q8_THREADS}
-        log(args, "q8 accuracy against the f32 model ...")
-        q8 = dict(weight_bytes=q8_bytes, runs=q8_runs, over_bf16=q8_over_bf16,
-                  accuracy=accuracy(converted[1], q8_dir, p))
+        quantized = {dtype: summarize_quantized(dtype, quantized_dirs[dtype], quantized_samples[dtype], samples,
+                                                converted[1], p, bandwidth, flops_per_token, peak, args)
+                     for dtype in QUANTIZED}
         baseline_results = {}
         for name, by_threads in baselines.items():
             results = {}
@@ -406,12 +403,27 @@ def run(args):
                        weight_bytes=weight_bytes, flops_per_token=flops_per_token),
             machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak["f32"], bf16_peak_flops=peak["bf16"],
                          read_bandwidth_bytes_s=bandwidth),
-            sizes=p, repeats=args.repeats, kv_dtype=args.kv_dtype, runs=runs, q8=q8,
+            sizes=p, repeats=args.repeats, kv_dtype=args.kv_dtype, runs=runs, **quantized,
             long_context=dict(position=p["long_context"], tp=1, threads=LONG_CONTEXT_THREADS,
                               decode_tok_s={kv: median(v) for kv, v in long_context.items()}),
             conversion=conversion, mpi=mpi, **baseline_results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def summarize_quantized(dtype, directory, got, samples, f32_directory, p, bandwidth, flops_per_token, peak, args):
+    """The figures of the quantized conversion in `directory`: its runs, the median over rounds of
+    its speed over the bf16 run just before it, and its accuracy against the f32 model."""
+    weight_bytes = sum(r.file_size for r in formats.open(directory).ranks)
+    runs = [summarize(1, threads, "f32", by_round, weight_bytes, bandwidth, flops_per_token, peak)
+            for threads, by_round in got.items()]
+    over_bf16 = {t: dict(prefill=median([q["prefill_tok_s"] / b["prefill_tok_s"]
+                                         for q, b in zip(got[t], samples[(1, t, "f32")])]),
+                         decode=median([q["decode_tok_s"][1] / b["decode_tok_s"][1]
+                                        for q, b in zip(got[t], samples[(1, t, "f32")])]))
+                 for t in QUANTIZED_THREADS}
+    log(args, f"{dtype} accuracy against the f32 model ...")
+    return dict(weight_bytes=weight_bytes, runs=runs, over_bf16=over_bf16, accuracy=accuracy(f32_directory, directory, p))
 
 
 def log(args, message):
@@ -466,17 +478,18 @@ def print_table(r):
               f"{mpi['all_reduce_floats']} floats {mpi['all_reduce_s'] * 1e6:.1f} us over MPI, "
               f"{mpi['threads_all_reduce_s'] * 1e6:.1f} us between threads (2 per layer: "
               f"{2 * mpi['all_reduce_s'] * 1e6:.1f} us and {2 * mpi['threads_all_reduce_s'] * 1e6:.1f} us)")
-    q8 = r["q8"]
-    print(f"\nq8 weights at tp 1 ({q8['weight_bytes'] / 1e9:.2f} GB; tokens/s, and the median over rounds of q8 / bf16 "
-          f"measured one after the other)")
-    for x in q8["runs"]:
-        ratios = q8["over_bf16"][x["threads"]]
-        print(f"  {x['threads']} thread(s): prefill {x['prefill_tok_s']:.1f} ({ratios['prefill']:.2f}x bf16), "
-              f"decode b1 {x['decode_tok_s'][1]:.1f} ({ratios['decode']:.2f}x bf16, {x['decode_of_roofline']:.0%} of BW), "
-              f"b16 {x['decode_tok_s'][16]:.1f}")
-    a = q8["accuracy"]
-    print(f"q8 against the f32 model, {a['prompts']} prompts of {a['tokens']} tokens: mean KL {a['mean_kl']:.2e}, "
-          f"top-1 agreement {a['top1']:.1%}, largest logit error {a['max_logit_error']:.3f}")
+    for dtype in QUANTIZED:
+        q = r[dtype]
+        print(f"\n{dtype} weights at tp 1 ({q['weight_bytes'] / 1e9:.2f} GB; tokens/s, and the median over rounds of "
+              f"{dtype} / bf16 measured one after the other)")
+        for x in q["runs"]:
+            ratios = q["over_bf16"][x["threads"]]
+            print(f"  {x['threads']} thread(s): prefill {x['prefill_tok_s']:.1f} ({ratios['prefill']:.2f}x bf16), "
+                  f"decode b1 {x['decode_tok_s'][1]:.1f} ({ratios['decode']:.2f}x bf16, {x['decode_of_roofline']:.0%} of BW), "
+                  f"b16 {x['decode_tok_s'][16]:.1f}")
+        a = q["accuracy"]
+        print(f"{dtype} against the f32 model, {a['prompts']} prompts of {a['tokens']} tokens: mean KL {a['mean_kl']:.2e}, "
+              f"top-1 agreement {a['top1']:.1%}, largest logit error {a['max_logit_error']:.3f}")
     c = r["conversion"]
     print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s; cp + sync {c['cp_sync_s']:.2f} s; "
           f"convert/cp {c['convert_over_cp']:.2f} (target <= 1.5); validate {c['validate_gb_s']:.2f} GB/s")
