@@ -306,19 +306,22 @@ def test_q4_logits_keep_to_the_measured_distance_from_transformers(accuracy_mode
     assert q4["mean_kl"] <= Q4_MAX_MEAN_KL and q4["top1"] >= Q4_MIN_TOP1, q4
 
 
-def test_q4_logits_are_those_of_its_dequantized_weights_but_for_the_activations_rounding(accuracy_models, tmp_path):
-    # The same model with the stored q4 values as f32 weights (the embedding, q8 in the q4 model,
-    # as f32 in both): what remains is the activations' quantization, so any error of the kernels,
-    # the scales or the minimums shows.
+@pytest.mark.parametrize("embed", ["f32", "q4"])
+def test_q4_logits_are_those_of_its_dequantized_weights_but_for_the_activations_rounding(accuracy_models, tmp_path,
+                                                                                        embed):
+    # The same model with the stored q4 values as f32 weights: what remains is the activations'
+    # quantization, so any error of the kernels, the scales or the minimums shows. The embedding
+    # (the output head too: the model is tied) is f32 in both, or q4 in both, which also checks
+    # its rows' dequantization on lookup. Measured: mean KL 0.0011, top-1 100%.
     from safetensors.numpy import load_file, save_file
     source, root = accuracy_models
     shutil.copytree(source, tmp_path / "hf")
     tensors = load_file(source / "model.safetensors")
-    tensors = {k: dequantize_q4(quantize_q4(v), v.shape[1]) if v.ndim == 2 and "embed" not in k else v
-               for k, v in tensors.items()}
+    quantized = {k for k, v in tensors.items() if v.ndim == 2 and ("embed" not in k or embed == "q4")}
+    tensors = {k: dequantize_q4(quantize_q4(v), v.shape[1]) if k in quantized else v for k, v in tensors.items()}
     save_file(tensors, tmp_path / "hf" / "model.safetensors")
     convert(tmp_path / "hf", tmp_path / "dequantized", dtype="f32")
-    convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", keep="embed=f32")
+    convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", keep=f"embed={embed}")
     prompts = [np.random.default_rng(seed).integers(0, 1024, 64).tolist() for seed in range(4)]
     got = logit_agreement(all_logits(tmp_path / "dequantized", prompts), all_logits(tmp_path / "q4", prompts))
     assert got["mean_kl"] <= 0.004 and got["top1"] >= 0.97, got
