@@ -40,13 +40,14 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     q8 = printed["q8"]
     assert [r["threads"] for r in q8["runs"]] == [1, 2] and all(set(r) == RUN_FIELDS for r in q8["runs"])
     assert set(q8["over_bf16"]) == {"1", "2"} and set(q8["over_bf16"]["1"]) == {"prefill", "decode"}
+    assert q8["llama_cpp_q8_0"] is None
     assert set(q8["accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
     assert 0 <= q8["accuracy"]["top1"] <= 1 and q8["accuracy"]["mean_kl"] >= 0
 
     bench.print_table(results)
     table = capsys.readouterr().out
     for line in ("read bandwidth", "FMA peak", "with bf16 activations", "decode b16", "decode from position 40",
-                 "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "q8 against the f32 model",
+                 "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "llama.cpp q8_0: not found", "q8 against the f32 model",
                  "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):
         assert line in table
 
