@@ -136,6 +136,7 @@ constexpr size_t kValueVecs = 4;  // output vectors of a head held in registers 
 // a tree of the lanes. kKeys keys at a time, so that H x kKeys independent sums are in flight
 // (one key's sum alone waits on its FMAs' latency), each key vector serving the H heads.
 constexpr size_t kKeys = 4;
+constexpr size_t kScoreHeads = 2;  // heads per pass of tile_scores: 2 heads x kKeys sums already take 8 of the 16 registers
 
 template <DType KV, int H>
 void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) {

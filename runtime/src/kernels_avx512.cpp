@@ -144,6 +144,7 @@ constexpr size_t kValueVecs = 8; // output vectors of a head held in registers (
 // a tree of the lanes. kKeys keys at a time, so that H x kKeys independent sums are in flight
 // (one key's sum alone waits on its FMAs' latency), each key vector serving the H heads.
 constexpr size_t kKeys = 4;
+constexpr size_t kScoreHeads = 4;  // heads per pass of tile_scores: 4 heads x kKeys sums fill 16 of the 32 registers
 
 template <DType KV, int H>
 void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) {
