@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import __version__, _core
-from ..formats.dtypes import QUANTIZED, DtypeOverflow, convert, quantize, row_bytes, storage_dtype
+from ..formats.dtypes import Q8_MAX_SCALE, QUANTIZED, DtypeOverflow, convert, quantize_q4, row_bytes, storage_dtype
 from ..formats.rankfile import VERSION, RankFileWriter, crc_hex, rank_file_name
 from ..formats.reader import MANIFEST
 from .. import schema
@@ -99,11 +99,18 @@ def _write_rows(dest, rows, first_row, dtype):
 
 
 def _quantized(values, dtype, dest):
+    if dtype == "q4":
+        try:
+            return quantize_q4(values)
+        except DtypeOverflow as error:
+            raise ConversionError(f"tensor {dest.part['source']}: {error}; convert it with --keep "
+                                  f"GROUP=bf16 or f32") from None
+    # the C++ quantizer gives quantize_q8's bytes, 10 times faster (tests/test_quant.py)
     try:
-        return quantize(values, dtype)
-    except DtypeOverflow as error:
-        raise ConversionError(f"tensor {dest.part['source']}: {error}; convert it with --keep "
-                              f"GROUP=bf16 or f32") from None
+        return _core.quantize_q8_weights(np.ascontiguousarray(values, dtype=np.float32))
+    except OverflowError:
+        raise ConversionError(f"tensor {dest.part['source']}: value {float(np.abs(values).max()):g} exceeds the q8 "
+                              f"range (±{127 * Q8_MAX_SCALE:g}); convert it with --keep GROUP=bf16 or f32") from None
 
 
 def _write_padding(dest):

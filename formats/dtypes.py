@@ -156,11 +156,6 @@ def dequantize_q8(blocks, columns):
     return values.reshape(len(blocks), -1)[:, :columns]
 
 
-def quantize(values, dtype):
-    """Rows of float32 `values` as blocks of the quantized `dtype`."""
-    return quantize_q8(values) if dtype == "q8" else quantize_q4(values)
-
-
 def dequantize(blocks, dtype, columns):
     """float32 values [rows, columns] of rows of blocks of the quantized `dtype`."""
     return dequantize_q8(blocks, columns) if dtype == "q8" else dequantize_q4(blocks, columns)

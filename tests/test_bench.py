@@ -43,11 +43,13 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
         assert set(q["over_bf16"]) == {"1", "2"} and set(q["over_bf16"]["1"]) == {"prefill", "decode"}
         assert set(q["accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
         assert 0 <= q["accuracy"]["top1"] <= 1 and q["accuracy"]["mean_kl"] >= 0
+    assert printed["q8"]["llama_cpp_q8_0"] is None
 
     bench.print_table(results)
     table = capsys.readouterr().out
     for line in ("read bandwidth", "FMA peak", "with bf16 activations", "decode b16", "decode from position 40",
-                 "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "q8 against the f32 model", "q4 weights at tp 1", "q4 against the f32 model",
+                 "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "llama.cpp q8_0: not found",
+                 "q8 against the f32 model", "q4 weights at tp 1", "q4 against the f32 model",
                  "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):
         assert line in table
 

@@ -71,6 +71,26 @@ def test_values_beyond_the_f16_scale_are_refused():
         quantize_q8(np.full((1, 4), 1e7, np.float32))
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.02, 3e-6, 1e-9, 1e-40, 1e3])
+def test_the_converters_c_quantizer_gives_the_bytes_of_the_numpy_rule(scale):
+    # scales from f16 normals down to f16 subnormals and zero, ties (multiples of half a step),
+    # zero rows, and rows that end inside a block
+    rng = np.random.default_rng(7)
+    values = (rng.standard_normal((9, 75), dtype=np.float32) * np.float32(scale)).astype(np.float32)
+    values[1] = 0
+    values[2, :32] = np.arange(-16, 16, dtype=np.float32) * np.float32(0.5)
+    values[2, 5] = 127 / 2  # d = 0.5: every other value is a tie
+    values[3, :] = np.float32(scale) * rng.integers(-254, 255, 75).astype(np.float32) / 2
+    stored = _core.quantize_q8_weights(values)
+    assert stored.dtype == np.uint8 and stored.shape == (9, 3 * 34)
+    assert stored.tobytes() == quantize_q8(values).tobytes()
+
+
+def test_the_converters_c_quantizer_refuses_scales_beyond_f16():
+    with pytest.raises(OverflowError, match="exceeds the f16 range"):
+        _core.quantize_q8_weights(np.full((1, 4), 1e7, np.float32))
+
+
 def test_the_runtime_quantizes_activations_with_the_converters_rounding():
     # amax 127 gives d = 1: the halves are ties, rounded to even as numpy's rint does
     x = np.array([127, 0.5, 1.5, 2.5, -0.5, -1.5, 3.49, -126.6, *np.linspace(-3, 3, 30)], np.float32)
@@ -231,6 +251,19 @@ def test_keep_sets_the_dtype_of_groups_of_weights(checkpoint, tmp_path):
         assert np.isfinite(m.logits([1, 2, 3])).all()
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out")])
     assert "tp 1, q8 weights, embed bf16, lm_head f32" in result.output
+
+
+def test_a_weight_beyond_q8s_range_is_refused_naming_its_tensor_and_nothing_is_left(checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    source = tmp_path / "hf"
+    shutil.copytree(checkpoint, source)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = 1e7  # a scale of 78740, beyond f16's 65504
+    save_file(tensors, source / "model.safetensors")
+    with pytest.raises(ConversionError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight: value 1e\+07 "
+                                              r"exceeds the q8 range .*--keep GROUP=bf16 or f32"):
+        convert(source, tmp_path / "out", dtype="q8")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("keep,message", [

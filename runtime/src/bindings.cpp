@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <thread>
 #include <type_traits>
 #include <string>
@@ -520,6 +521,21 @@ NB_MODULE(_core, m) {
         "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8/q4 "
         "rows of blocks as bytes [out, row bytes]; activations='bf16': x rounded to bf16 first, as "
         "load(..., activations='bf16') does).");
+  m.def("quantize_q8_weights", [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x) {
+          const size_t rows = x.shape(0), columns = x.shape(1), blocks = q3p::q8_blocks(columns);
+          std::vector<uint8_t> out(rows * blocks * sizeof(q3p::BlockQ8));
+          bool ok = true;
+          {
+            nb::gil_scoped_release unlocked;
+            auto* stored = reinterpret_cast<q3p::BlockQ8*>(out.data());
+            for (size_t r = 0; r < rows && ok; ++r)
+              ok = q3p::quantize_row_q8_weights(x.data() + r * columns, columns, stored + r * blocks);
+          }
+          if (!ok) throw std::overflow_error("a block's scale exceeds the f16 range");
+          return make_array(std::move(out), {rows, blocks * sizeof(q3p::BlockQ8)});
+        }, "x"_a, "Rows of float32 weights [rows, columns] as q8 blocks [rows, blocks * 34 bytes], by the "
+                  "converter's rule (formats.dtypes.quantize_q8 gives the same bytes); OverflowError when a "
+                  "block's scale exceeds the f16 range.");
   m.def("quantize_q8", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
           const size_t n = x.shape(0);
           std::vector<q3p::BlockQ8Act> blocks(q3p::q8_blocks(n));

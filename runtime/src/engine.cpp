@@ -194,6 +194,10 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
   // several new tokens run past the ring's end.
   bulk_full_.resize(N);
   for (size_t t = 0; t < N; ++t) bulk_full_[t] = t;
+  query_blocks_.clear();
+  for (const Seq& s : seqs_)
+    for (size_t j = 0; j < s.n; j += kQueryBlock)
+      query_blocks_.push_back({s.cache, s.first_token + j, std::min(kQueryBlock, s.n - j), s.pos0 + static_cast<int64_t>(j)});
   bulk_sliding_.clear();
   wrapping_seqs_.clear();
   const int64_t ring = std::min(model_.sliding_window, max_context_);
@@ -228,6 +232,7 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.sel.resize(S * H);
     w.logits.resize(S * V);
     w.softmax_state.resize(T * 2 * (Nq / Nkv));
+    w.query_block.resize(T * kQueryBlock * (Nq / Nkv) * (2 * D + 2));
     if (layout_.stores(DType::Q8)) w.xq.resize(N * q8_blocks(std::max({H, Nq * D, I})));
     if (layout_.stores(DType::Q4)) w.xq4.resize(N * q4_blocks(std::max({H, Nq * D, I})));
     if (bf16_activations_) w.x_bf16.resize(N * std::max({H, Nq * D, I}));
@@ -499,6 +504,65 @@ void Engine::attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t p
   for (size_t h = 0; h < G; ++h) scale(a.out + h * D, 1.0f / a.sum[h], D);
 }
 
+// The queries of a block of consecutive tokens of a sequence (positions pos0, pos0 + 1, ...) in
+// the local heads that share KV head g, in a full-attention layer: the tiles that every token of
+// the block sees whole are read once for the block, as one tile of n G heads; then each token
+// goes on alone through the rest of its tiles. Each head's sums are those of attend(): the same
+// tiles in the same order (a head's state never depends on the others of a tile), so the bits do
+// not depend on how tokens fall into blocks. `scratch` holds n G (2 D + 2) floats.
+void Engine::attend_block(int rank, int64_t layer, const QueryBlock& block, int64_t g, float* scratch) {
+  const size_t D = static_cast<size_t>(model_.head_dim);
+  const size_t Nq = static_cast<size_t>(layout_.heads_per_rank), Nkv = static_cast<size_t>(layout_.kv_heads_per_rank);
+  const size_t G = Nq / Nkv, heads = block.n * G;
+  RankWork& w = work_[static_cast<size_t>(rank)];
+  KVCache& cache = *block.cache;
+  const int64_t tile = static_cast<int64_t>(kAttentionTile);
+
+  AttentionTile a;
+  a.q = scratch;
+  a.G = heads;
+  a.D = D;
+  a.ld = D;
+  a.kv = cache.dtype();
+  a.scale = attn_scale_;
+  a.out = scratch + heads * D;
+  a.max = a.out + heads * D;
+  a.sum = a.max + heads;
+  for (size_t j = 0; j < block.n; ++j)
+    std::memcpy(scratch + j * G * D, w.qkv.data() + (block.first_token + j) * (Nq + 2 * Nkv) * D + static_cast<size_t>(g) * G * D,
+                G * D * sizeof(float));
+  std::fill_n(a.max, heads, -INFINITY);
+  std::fill_n(a.sum, heads, 0.0f);
+  std::fill_n(a.out, heads * D, 0.0f);
+  const int64_t shared_end = (block.pos0 + 1) / tile * tile;  // the whole tiles the first token sees
+  for (int64_t p = 0; p < shared_end; p += tile) {
+    a.k = cache.keys(rank, layer, g, cache.slot(layer, p));
+    a.v = cache.values(rank, layer, g, cache.slot(layer, p));
+    a.nk = static_cast<size_t>(tile);
+    kernels_.attention_tile(a);
+  }
+  for (size_t j = 0; j < block.n; ++j) {
+    AttentionTile one = a;
+    one.q = a.q + j * G * D;
+    one.G = G;
+    one.out = a.out + j * G * D;
+    one.max = a.max + j * G;
+    one.sum = a.sum + j * G;
+    const int64_t pos = block.pos0 + static_cast<int64_t>(j);
+    for (int64_t p = shared_end; p <= pos;) {
+      const int64_t end = std::min(pos + 1, (p / tile + 1) * tile);
+      one.k = cache.keys(rank, layer, g, cache.slot(layer, p));
+      one.v = cache.values(rank, layer, g, cache.slot(layer, p));
+      one.nk = static_cast<size_t>(end - p);
+      kernels_.attention_tile(one);
+      p = end;
+    }
+    float* out = w.attn.data() + (block.first_token + j) * Nq * D + static_cast<size_t>(g) * G * D;
+    std::memcpy(out, one.out, G * D * sizeof(float));
+    for (size_t h = 0; h < G; ++h) scale(out + h * D, 1.0f / one.sum[h], D);
+  }
+}
+
 void Engine::attention(int rank, int64_t layer) {
   RankWork& w = work_[static_cast<size_t>(rank)];
   ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
@@ -515,9 +579,20 @@ void Engine::attention(int rank, int64_t layer) {
       store_kv(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], 0, Nkv);
     }
   });
-  // Pairs (token, KV head), dealt to the threads in turn rather than in contiguous ranges: a
-  // token's cost grows with its position, and contiguous ranges of a prompt gave the last thread
-  // 3/4 of the work with 2 threads.
+  // Pairs (token or query block, KV head), dealt to the threads in turn rather than in contiguous
+  // ranges: a token's cost grows with its position, and contiguous ranges of a prompt gave the
+  // last thread 3/4 of the work with 2 threads.
+  if (!sliding) {
+    const size_t pairs = query_blocks_.size() * static_cast<size_t>(Nkv);
+    const size_t parts = std::min(static_cast<size_t>(pool.size()), pairs);
+    const size_t scratch = w.query_block.size() / static_cast<size_t>(threads_per_rank_);
+    pool.run(static_cast<int>(parts), [&](int part) {
+      for (size_t i = static_cast<size_t>(part); i < pairs; i += parts)
+        attend_block(rank, layer, query_blocks_[i / static_cast<size_t>(Nkv)], static_cast<int64_t>(i % static_cast<size_t>(Nkv)),
+                     w.query_block.data() + static_cast<size_t>(part) * scratch);
+    });
+    return;
+  }
   const size_t pairs = bulk_tokens.size() * static_cast<size_t>(Nkv);
   const size_t parts = std::min(static_cast<size_t>(pool.size()), pairs);
   pool.run(static_cast<int>(parts), [&](int part) {
@@ -527,7 +602,6 @@ void Engine::attention(int rank, int64_t layer) {
       attend(rank, layer, *seqs_[tok_seq_[t]].cache, t, tok_pos_[t], static_cast<int64_t>(i % static_cast<size_t>(Nkv)), state);
     }
   });
-  if (!sliding) return;
 
   // A sequence whose new tokens wrap the ring of a sliding layer writes and attends token by
   // token, or a later token's key would overwrite one that an earlier token needs. Its KV heads

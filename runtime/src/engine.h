@@ -21,6 +21,10 @@
 
 namespace q3p {
 
+// Tokens of a sequence that attend together in full-attention layers (Engine::attend_block): each
+// key tile is read once per block instead of once per token.
+constexpr size_t kQueryBlock = 8;
+
 // What the caller knows about one rank file (from the manifest and the file's own header).
 struct RankSource {
   std::string path;
@@ -99,9 +103,15 @@ class Engine {
   struct RankWork {
     std::vector<float> x, xn, qkv, attn, proj, gate_up, act, sel, logits;
     std::vector<float> softmax_state;  // per pool thread: the running max and sum of G query heads
+    std::vector<float> query_block;    // per pool thread: a query block's queries, outputs and softmax state
     std::vector<BlockQ8Act> xq;  // the activations of a product on q8 weights, quantized
     std::vector<BlockQ8K> xq4;  // and on q4 weights
     std::vector<uint16_t> x_bf16;  // a matrix product's input rounded to bf16 (bf16_activations)
+  };
+  struct QueryBlock {  // up to kQueryBlock consecutive tokens of one sequence (attend_block)
+    KVCache* cache;
+    size_t first_token, n;
+    int64_t pos0;
   };
   struct Seq {  // one request during a forward
     KVCache* cache;
@@ -119,6 +129,7 @@ class Engine {
   void matmul_q4(int rank, const MatmulArgs& a);
   void attention(int rank, int64_t layer);
   void attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_head, float* state);
+  void attend_block(int rank, int64_t layer, const QueryBlock& block, int64_t kv_head, float* scratch);
   void store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_begin, int64_t kv_end);
 
   ModelConfig model_;
@@ -148,6 +159,7 @@ class Engine {
   std::vector<float> cos_, sin_;     // [token][head_dim / 2]
   std::vector<size_t> selected_;     // tokens whose logits are wanted
   std::vector<size_t> bulk_full_, bulk_sliding_;  // tokens attended all at once, per layer kind
+  std::vector<QueryBlock> query_blocks_;          // bulk_full_ in blocks (full-attention layers)
   std::vector<size_t> wrapping_seqs_;  // sequences attended token by token in sliding layers
   std::vector<float> gathered_;      // [rank][selected][vocab rows per rank]
 

@@ -17,7 +17,10 @@ namespace {
 // accumulator arrays live in registers (rolled, they stay in memory: a store per step each).
 #define UNROLLED _Pragma("GCC unroll 16")
 
-constexpr size_t kRows = 4, kTokens = 2, kPanel = 128, kLanes = 8;
+// 6 x 2: 12 accumulators, 6 weight vectors and a token's vector in the 16 registers; with the two
+// passes of tile() (128 tokens by 3072 x 1024 bf16 rows, one core) 69 GFLOP/s against 67 for 3 x 4,
+// 64 for 4 x 3 and 50 for 2 x 6 (one pass, one chain: 76 for 3 x 4).
+constexpr size_t kRows = 6, kTokens = 2, kPanel = 128, kLanes = 8;
 constexpr size_t kMemoryBoundTokens = 4;  // up to this many tokens, tiles of one row (as AVX-512)
 
 inline size_t min_size(size_t a, size_t b) { return a < b ? a : b; }
@@ -45,26 +48,57 @@ inline float sum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// X: float, or uint16_t for activations rounded to bf16.
+// One step of `count` values from k for every accumulator of a tile.
 template <DType D, int R, int T, class X>
-inline void tile(const void* w, size_t in, const X* x, float* y, size_t ldy) {
+__attribute__((always_inline)) inline void step(__m256 (&acc)[R][T], const uint8_t* w, size_t in, const X* x, size_t k,
+                                                size_t count) {
   constexpr DType XD = sizeof(X) == 4 ? DType::F32 : DType::BF16;
   constexpr size_t esize = D == DType::F32 ? 4 : 2;
-  const uint8_t* wb = static_cast<const uint8_t*>(w);
-  __m256 acc[R][T];
-  UNROLLED for (int r = 0; r < R; ++r)
-    UNROLLED for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (size_t k = 0; k < in; k += kLanes) {
-    const size_t count = min_size(kLanes, in - k);
-    __m256 wv[R];
-    UNROLLED for (int r = 0; r < R; ++r) wv[r] = load8<D>(wb + (r * in + k) * esize, count);
-    UNROLLED for (int t = 0; t < T; ++t) {
-      const __m256 xv = load8<XD>(x + t * in + k, count);
-      UNROLLED for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-    }
+  __m256 wv[R];
+  UNROLLED for (int r = 0; r < R; ++r) wv[r] = load8<D>(w + (r * in + k) * esize, count);
+  UNROLLED for (int t = 0; t < T; ++t) {
+    const __m256 xv = load8<XD>(x + t * in + k, count);
+    UNROLLED for (int r = 0; r < R; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
   }
-  UNROLLED for (int r = 0; r < R; ++r)
-    UNROLLED for (int t = 0; t < T; ++t) y[t * ldy + r] = sum8(acc[r][t]);
+}
+
+// y[t * ldy + r] = row r of w . token t of x (X: float, or uint16_t for activations rounded to
+// bf16). Steps of 8 values alternate between two sums, even and odd steps, added lane by lane at
+// the end: two chains of FMAs per y value, where one chain's latency (128 dependent FMAs per
+// 1024-value row) held a one-row decode tile to 16 GB/s (28-30 with two). A tile whose two sets
+// of accumulators would not fit the 16 registers (prefill's 3 x 4) sums the even steps, then the
+// odd ones, over its rows (in L1 by then): the same sums.
+template <DType D, int R, int T, class X>
+inline void tile(const void* w, size_t in, const X* x, float* y, size_t ldy) {
+  const uint8_t* wb = static_cast<const uint8_t*>(w);
+  if constexpr (R * T <= 4) {
+    __m256 even[R][T], odd[R][T];
+    UNROLLED for (int r = 0; r < R; ++r)
+      UNROLLED for (int t = 0; t < T; ++t) even[r][t] = odd[r][t] = _mm256_setzero_ps();
+    size_t k = 0;
+    for (; k + 2 * kLanes <= in; k += 2 * kLanes) {
+      step<D, R, T, X>(even, wb, in, x, k, kLanes);
+      step<D, R, T, X>(odd, wb, in, x, k + kLanes, kLanes);
+    }
+    if (k < in) step<D, R, T, X>(even, wb, in, x, k, min_size(kLanes, in - k));
+    if (k + kLanes < in) step<D, R, T, X>(odd, wb, in, x, k + kLanes, in - k - kLanes);
+    UNROLLED for (int r = 0; r < R; ++r)
+      UNROLLED for (int t = 0; t < T; ++t) y[t * ldy + r] = sum8(_mm256_add_ps(even[r][t], odd[r][t]));
+  } else {
+    __m256 acc[R][T];
+    UNROLLED for (int r = 0; r < R; ++r)
+      UNROLLED for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (size_t k = 0; k < in; k += 2 * kLanes) step<D, R, T, X>(acc, wb, in, x, k, min_size(kLanes, in - k));
+    alignas(32) float even[R][T][kLanes];  // in memory while the odd steps take the registers
+    UNROLLED for (int r = 0; r < R; ++r)
+      UNROLLED for (int t = 0; t < T; ++t) {
+        _mm256_store_ps(even[r][t], acc[r][t]);
+        acc[r][t] = _mm256_setzero_ps();
+      }
+    for (size_t k = kLanes; k < in; k += 2 * kLanes) step<D, R, T, X>(acc, wb, in, x, k, min_size(kLanes, in - k));
+    UNROLLED for (int r = 0; r < R; ++r)
+      UNROLLED for (int t = 0; t < T; ++t) y[t * ldy + r] = sum8(_mm256_add_ps(_mm256_load_ps(even[r][t]), acc[r][t]));
+  }
 }
 
 #include "kernels_tiles.inc"
@@ -136,6 +170,7 @@ constexpr size_t kValueVecs = 4;  // output vectors of a head held in registers 
 // a tree of the lanes. kKeys keys at a time, so that H x kKeys independent sums are in flight
 // (one key's sum alone waits on its FMAs' latency), each key vector serving the H heads.
 constexpr size_t kKeys = 4;
+constexpr size_t kScoreHeads = 2;  // heads per pass of tile_scores: 2 heads x kKeys sums already take 8 of the 16 registers
 
 template <DType KV, int H>
 void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) {

@@ -10,9 +10,19 @@ namespace q3p {
 
 namespace {
 
-inline __m256i lane_sums(__m256i wabs, __m256i xs) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), _mm256_set1_epi16(1));
+// A block of weights: its values and their magnitudes. The activations take the weights' signs
+// per row, so each (row, token) pair costs a sign, a maddubs and a madd.
+struct WeightBlock {
+  __m256i q, magnitude;
+};
+
+inline WeightBlock weight_block(__m256i wq) { return {wq, _mm256_sign_epi8(wq, wq)}; }  // -128 stays 0x80: 128 unsigned
+inline __m256i token_block(__m256i xq) { return xq; }
+inline __m256i lane_sums(const WeightBlock& w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w.magnitude, _mm256_sign_epi8(x, w.q)), _mm256_set1_epi16(1));
 }
+
+constexpr size_t kRows = 1;  // 16 registers: 8 accumulators of 4 tokens' two parities already
 
 #include "kernels_q8_tiles.inc"
 

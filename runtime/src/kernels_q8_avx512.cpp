@@ -14,9 +14,22 @@ namespace q3p {
 
 namespace {
 
-inline __m256i lane_sums(__m256i wabs, __m256i xs) {
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, xs);
+// vpdpbusd multiplies unsigned bytes by signed ones. The activations are offset to unsigned once
+// per block and token (x + 128, an XOR of the sign bit), and each block of weights once carries
+// the offset's share, -128 times the sums of its 4-value groups, as the sums' starting value: the
+// lane sums are then one vpdpbusd per (row, token), exact as before (|sum| < 2^31).
+struct WeightBlock {
+  __m256i q, offset;
+};
+
+inline WeightBlock weight_block(__m256i wq) {
+  const __m256i group_sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), wq);
+  return {wq, _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(group_sums, 7))};
 }
+inline __m256i token_block(__m256i xq) { return _mm256_xor_si256(xq, _mm256_set1_epi8(char(0x80))); }
+inline __m256i lane_sums(const WeightBlock& w, __m256i x) { return _mm256_dpbusd_epi32(w.offset, x, w.q); }
+
+constexpr size_t kRows = 2;  // 2 rows x 4 tokens x 2 parities: 16 of the 32 registers
 
 #include "kernels_q8_tiles.inc"
 

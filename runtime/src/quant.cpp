@@ -51,6 +51,47 @@ float quantize_block(const float* v, size_t count, size_t size, int8_t* q_out) {
 
 }  // namespace
 
+uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u, magnitude = x & 0x7FFFFFFFu;
+  if (magnitude >= 0x7F800000u) return static_cast<uint16_t>(sign | 0x7C00u | (magnitude > 0x7F800000u ? 0x200u : 0u));
+  if (magnitude < 0x38800000u) {  // under 2^-14: a subnormal f16, a whole number of 2^-24
+    float value;
+    std::memcpy(&value, &magnitude, 4);
+    // value * 2^24 is exact; 1024 (the rounding's largest result) encodes 2^-14 itself
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(value * 0x1p24f)));
+  }
+  const uint32_t mantissa = magnitude & 0x7FFFFFu, exponent = (magnitude >> 23) - 127 + 15;
+  if (exponent >= 31) return static_cast<uint16_t>(sign | 0x7C00u);
+  uint32_t h = (exponent << 10) | (mantissa >> 13);
+  const uint32_t rest = mantissa & 0x1FFFu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry moves into the exponent, up to infinity
+  return static_cast<uint16_t>(sign | h);
+}
+
+bool quantize_row_q8_weights(const float* x, size_t n, BlockQ8* out) {
+  for (size_t b = 0; b < q8_blocks(n); ++b) {
+    const size_t count = std::min(kQ8Block, n - b * kQ8Block);
+    float v[kQ8Block] = {};  // the block, padded with zeros: fixed-size loops the compiler vectorises
+    std::memcpy(v, x + b * kQ8Block, count * sizeof(float));
+    float amax = 0.0f;
+    for (size_t i = 0; i < kQ8Block; ++i) amax = std::max(amax, std::fabs(v[i]));
+    const float scale = amax / 127.0f;
+    if (!(scale <= 65504.0f)) return false;
+    out[b].d = f32_to_f16(scale);
+    const float d = f16_to_f32(out[b].d);
+    const float inverse = d != 0.0f ? 1.0f / d : 0.0f;
+    for (size_t i = 0; i < kQ8Block; ++i) {
+      // the nearest integer, ties to even, as nearbyint but vectorised: |q| <= 128, so
+      // q + 1.5 * 2^23 keeps no fraction bits
+      const float q = (v[i] * inverse + 0x1.8p23f) - 0x1.8p23f;
+      out[b].q[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
+    }
+  }
+  return true;
+}
+
 void quantize_row_q8(const float* x, size_t n, BlockQ8Act* out) {
   for (size_t b = 0; b < q8_blocks(n); ++b)
     out[b].d = quantize_block(x + b * kQ8Block, std::min(kQ8Block, n - b * kQ8Block), kQ8Block, out[b].q);

@@ -37,10 +37,16 @@ struct BlockQ8Act {  // a block of activations, quantized for one matmul
 inline size_t q8_blocks(size_t n) { return (n + kQ8Block - 1) / kQ8Block; }
 
 float f16_to_f32(uint16_t h);
+// f32 to the nearest f16 (ties to even), infinities beyond f16's range.
+uint16_t f32_to_f16(float f);
 
 // Quantizes n values into q8_blocks(n) blocks (the last one padded with zeros) as the converter
 // quantizes weights: d = max|x| / 127, q = nearest integer (ties to even) of x * (1 / d).
 void quantize_row_q8(const float* x, size_t n, BlockQ8Act* out);
+// Quantizes n weights into q8_blocks(n) stored blocks by the converter's rule (formats/SPEC.md):
+// d = f16(max|x| / 127), q = nearest integer (ties to even) of x * (1 / f32(d)), clamped to
+// [-127, 127]. Returns false, writing nothing more, when a block's scale exceeds f16's range.
+bool quantize_row_q8_weights(const float* x, size_t n, BlockQ8* out);
 // The first n values of q8 blocks, as f32 (q * d, exact).
 void dequantize_row_q8(const BlockQ8* blocks, float* dst, size_t n);
 

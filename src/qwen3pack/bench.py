@@ -24,7 +24,8 @@ activations="bf16")):
   otherwise "MPI: not installed".
 - q8 and q4 weights (tp 1, 1 and 2 threads; q4 as `--dtype q4` converts, its embedding in q8):
   the same figures, each measured right after bf16 at the same threads in every round, as ratios
-  over bf16; and their accuracy against the f32 model on the same checkpoint and prompts
+  over bf16, and q8 beside llama.cpp's q8_0 GGUF of the same weights (with LLAMA_BENCH); and their
+  accuracy against the f32 model on the same checkpoint and prompts
   (the bf16 conversion: the runtime computes in f32 and holds the bf16 weights exactly): mean KL
   divergence of the next-token distributions, top-1 agreement, largest logit error. The random
   checkpoint is drawn trained-like (testing.make_checkpoint: outlier columns, logits of a
@@ -243,15 +244,16 @@ def bench_transformers(source, threads, p, rng):
     return dict(prefill_tok_s=p["prefill"] / prefill_s, decode_tok_s=p["decode"] / max(decode_s - first_s, 1e-9))
 
 
-def llama_cpp_gguf(source, work):
-    """The GGUF of `source` made by llama.cpp's converter, or None when llama.cpp is not set up."""
+def llama_cpp_gguf(source, work, outtype="bf16"):
+    """The GGUF of `source` made by llama.cpp's converter with its weights in `outtype` ("bf16", or
+    "q8_0": llama.cpp's q8, the layout and rounding of our q8), or None when llama.cpp is not set up."""
     bench, tree = os.environ.get("LLAMA_BENCH"), os.environ.get("LLAMA_CPP_DIR")
     if not bench or not Path(bench).is_file() or not tree or not (Path(tree) / "convert_hf_to_gguf.py").is_file():
         return None
-    gguf = work / "model-bf16.gguf"
+    gguf = work / f"model-{outtype}.gguf"
     if not gguf.exists():
         done = subprocess.run([sys.executable, "-c", GGUF_CONVERT, str(Path(tree) / "convert_hf_to_gguf.py"), str(source),
-                               "--outtype", "bf16", "--outfile", str(gguf)], capture_output=True, text=True)
+                               "--outtype", outtype, "--outfile", str(gguf)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
     return gguf
@@ -344,6 +346,7 @@ def run(args):
             quantized_dirs[dtype] = work / dtype
             convert(source, quantized_dirs[dtype], tp=1, dtype=dtype)
         gguf = llama_cpp_gguf(source, work)
+        gguf_q8 = gguf and llama_cpp_gguf(source, work, "q8_0")
 
         isa = _core.supported_isas()[-1] if not os.environ.get("QWEN3PACK_ISA") else os.environ["QWEN3PACK_ISA"]
         threads_used = sorted({t for _, t, _ in RUNS})
@@ -351,6 +354,7 @@ def run(args):
                 for act in ("f32", "bf16")}
         samples = {run: [] for run in RUNS}
         quantized_samples = {dtype: {t: [] for t in QUANTIZED_THREADS} for dtype in QUANTIZED}
+        llama_q8_samples = {t: [] for t in QUANTIZED_THREADS}
         long_context = {kv: [] for kv in KV_DTYPES}
         baselines = {name: {t: [] for t in threads_used} for name in ("transformers", "llama.cpp")}
         bandwidth = {t: [] for t in threads_used}
@@ -364,6 +368,8 @@ def run(args):
                     for dtype in QUANTIZED:
                         quantized_samples[dtype][threads].append(
                             bench_runtime(quantized_dirs[dtype], threads, p, rng, args.kv_dtype))
+                    if gguf_q8:
+                        llama_q8_samples[threads].append(bench_llama_cpp(gguf_q8, threads, p))
             for kv in KV_DTYPES:
                 long_context[kv].append(bench_long_context(converted, p, rng, kv))
             for t in threads_used:
@@ -383,6 +389,9 @@ def run(args):
         quantized = {dtype: summarize_quantized(dtype, quantized_dirs[dtype], quantized_samples[dtype], samples,
                                                 converted[1], p, bandwidth, flops_per_token, peak, args)
                      for dtype in QUANTIZED}
+        llama_q8 = {t: {k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")}
+                    for t, got in llama_q8_samples.items() if got}
+        quantized["q8"]["llama_cpp_q8_0"] = llama_q8 or None
         baseline_results = {}
         for name, by_threads in baselines.items():
             results = {}
@@ -487,12 +496,24 @@ def print_table(r):
             print(f"  {x['threads']} thread(s): prefill {x['prefill_tok_s']:.1f} ({ratios['prefill']:.2f}x bf16), "
                   f"decode b1 {x['decode_tok_s'][1]:.1f} ({ratios['decode']:.2f}x bf16, {x['decode_of_roofline']:.0%} of BW), "
                   f"b16 {x['decode_tok_s'][16]:.1f}")
+        if dtype == "q8":
+            print_llama_q8_0(q)
         a = q["accuracy"]
         print(f"{dtype} against the f32 model, {a['prompts']} prompts of {a['tokens']} tokens: mean KL {a['mean_kl']:.2e}, "
               f"top-1 agreement {a['top1']:.1%}, largest logit error {a['max_logit_error']:.3f}")
     c = r["conversion"]
     print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s; cp + sync {c['cp_sync_s']:.2f} s; "
           f"convert/cp {c['convert_over_cp']:.2f} (target <= 1.5); validate {c['validate_gb_s']:.2f} GB/s")
+
+
+def print_llama_q8_0(q8):
+    if not q8["llama_cpp_q8_0"]:
+        print("  llama.cpp q8_0: not found")
+    for t, theirs in (q8["llama_cpp_q8_0"] or {}).items():
+        ours = next(x for x in q8["runs"] if x["threads"] == t)
+        print(f"  llama.cpp q8_0, {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours "
+              f"{ratio(ours['prefill_tok_s'], theirs['prefill_tok_s'])}), decode {theirs['decode_tok_s']:.1f} "
+              f"(ours {ratio(ours['decode_tok_s'][1], theirs['decode_tok_s'])})")
 
 
 def main(argv=None):
