@@ -99,6 +99,12 @@ def _write_rows(dest, rows, first_row, dtype):
 
 
 def _quantized(values, dtype, dest):
+    if dtype == "q4":  # the C++ search gives quantize_q4's bytes, about 10 times faster (tests/test_quant_q4.py)
+        try:
+            return _core.quantize_q4_weights(np.ascontiguousarray(values, dtype=np.float32))
+        except OverflowError:
+            raise ConversionError(f"tensor {dest.part['source']}: value {float(np.abs(values).max()):g} exceeds "
+                                  f"the q4 range; convert it with --keep GROUP=bf16 or f32") from None
     try:
         return quantize(values, dtype)
     except DtypeOverflow as error:

@@ -37,6 +37,8 @@ struct BlockQ8Act {  // a block of activations, quantized for one matmul
 inline size_t q8_blocks(size_t n) { return (n + kQ8Block - 1) / kQ8Block; }
 
 float f16_to_f32(uint16_t h);
+// f32 to the nearest f16 (ties to even), infinities beyond f16's range.
+uint16_t f32_to_f16(float f);
 
 // Quantizes n values into q8_blocks(n) blocks (the last one padded with zeros) as the converter
 // quantizes weights: d = max|x| / 127, q = nearest integer (ties to even) of x * (1 / d).
@@ -106,6 +108,10 @@ inline size_t q4_blocks(size_t n) { return (n + kQ4Block - 1) / kQ4Block; }
 void quantize_row_q8k(const float* x, size_t n, BlockQ8K* out);
 // The first n values of q4 blocks, as f32: (D * sc) * q - M * m, rounded once.
 void dequantize_row_q4(const BlockQ4* blocks, float* dst, size_t n);
+// Quantizes `rows` rows of n weights into q4_blocks(n) stored blocks each, by the converter's rule
+// (formats/SPEC.md: the same bytes as formats.dtypes.quantize_q4). Returns false, leaving `out`
+// unfinished, when a block's scale or minimum exceeds f16's range.
+bool quantize_rows_q4_weights(const float* x, size_t rows, size_t n, BlockQ4* out);
 
 struct MatmulQ4Args {
   const BlockQ8K* x = nullptr;
