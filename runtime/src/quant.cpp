@@ -212,7 +212,9 @@ __attribute__((always_inline)) inline float fit_error(float a, float b, const Fi
 // AVX2 and the baseline and chosen at load (the same IEEE operations, so the same bits, on wider
 // vectors: 3.1M weights took 34 ms with AVX-512 against 70 on the baseline). What it calls is
 // inlined, so compiled for each.
+#if defined(__x86_64__) && defined(__ELF__)  // target_clones needs x86 and the ELF loader's ifunc
 __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 void fit_sub_blocks(const Lanes* x, float* scale_out, float* minimum_out) {
   Lanes w[32], shifted[32], product[32], q[32], wq[32];
   Lanes low, span, count_over_span;
