@@ -73,6 +73,37 @@ def test_values_beyond_the_f16_scale_are_refused():
         quantize_q4(np.full((1, 4), 1e8, np.float32) * np.arange(1, 5, dtype=np.float32))
 
 
+def _with_outlier_columns(values):
+    values[:, [3, 77, 200]] *= np.float32(8)
+    return values
+
+
+C_QUANTIZER_CASES = {  # shapes that end inside a block, outliers, one sign, zeros, constants, tiny scales
+    "normal": lambda rng: rng.standard_normal((7, 1024), dtype=np.float32),
+    "short rows": lambda rng: rng.standard_normal((5, 300), dtype=np.float32) * np.float32(0.02),
+    "outlier columns": lambda rng: _with_outlier_columns(rng.standard_normal((6, 768), dtype=np.float32)),
+    "positive": lambda rng: np.abs(rng.standard_normal((3, 512), dtype=np.float32)),
+    "zeros": lambda rng: np.zeros((2, 256), np.float32),
+    "constant": lambda rng: np.full((2, 256), -0.3, np.float32),
+    "f16 subnormal scales": lambda rng: rng.standard_normal((2, 256), dtype=np.float32) * np.float32(1e-6),
+    "f32 subnormals": lambda rng: rng.standard_normal((2, 256), dtype=np.float32) * np.float32(1e-40),
+}
+
+
+@pytest.mark.parametrize("case", sorted(C_QUANTIZER_CASES))
+def test_the_converters_c_quantizer_gives_the_bytes_of_the_numpy_rule(case):
+    values = C_QUANTIZER_CASES[case](np.random.default_rng(1))
+    stored = _core.quantize_q4_weights(values)
+    assert stored.dtype == np.uint8 and stored.shape == (len(values), -(-values.shape[1] // 256) * 144)
+    with np.errstate(all="ignore"):
+        assert stored.tobytes() == quantize_q4(values).tobytes()
+
+
+def test_the_converters_c_quantizer_refuses_scales_beyond_f16():
+    with pytest.raises(OverflowError, match="exceeds the f16 range"):
+        _core.quantize_q4_weights(np.full((1, 4), 1e8, np.float32) * np.arange(1, 5, dtype=np.float32))
+
+
 def hand_made_block():
     """A block whose fields are set by hand, packed as SPEC.md says, and its values by the SPEC's
     formula: d = 0.5, dmin = 0.25, sub-block j has scale j + 1 (j = 5: 50, 6 bits) and minimum

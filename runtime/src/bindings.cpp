@@ -536,6 +536,28 @@ NB_MODULE(_core, m) {
         }, "x"_a, "Rows of float32 weights [rows, columns] as q8 blocks [rows, blocks * 34 bytes], by the "
                   "converter's rule (formats.dtypes.quantize_q8 gives the same bytes); OverflowError when a "
                   "block's scale exceeds the f16 range.");
+  m.def("quantize_q4_weights", [](nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x) {
+          const size_t rows = x.shape(0), columns = x.shape(1), blocks = q3p::q4_blocks(columns);
+          std::vector<uint8_t> out(rows * blocks * sizeof(q3p::BlockQ4));
+          auto* stored = reinterpret_cast<q3p::BlockQ4*>(out.data());
+          // The search costs about 200 operations a weight: rows go to every core.
+          const size_t threads = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), rows));
+          std::vector<char> ok(threads, 1);
+          {
+            nb::gil_scoped_release unlocked;
+            std::vector<std::thread> pool;
+            for (size_t t = 0; t < threads; ++t)
+              pool.emplace_back([&, t] {
+                const size_t r0 = rows * t / threads, r1 = rows * (t + 1) / threads;
+                ok[t] = q3p::quantize_rows_q4_weights(x.data() + r0 * columns, r1 - r0, columns, stored + r0 * blocks);
+              });
+            for (std::thread& thread : pool) thread.join();
+          }
+          if (std::count(ok.begin(), ok.end(), 0)) throw std::overflow_error("a block's scale exceeds the f16 range");
+          return make_array(std::move(out), {rows, blocks * sizeof(q3p::BlockQ4)});
+        }, "x"_a, "Rows of float32 weights [rows, columns] as q4 blocks [rows, blocks * 144 bytes], by the "
+                  "converter's rule (formats.dtypes.quantize_q4 gives the same bytes), over every core; "
+                  "OverflowError when a block's scale exceeds the f16 range.");
   m.def("quantize_q8", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
           const size_t n = x.shape(0);
           std::vector<q3p::BlockQ8Act> blocks(q3p::q8_blocks(n));

@@ -112,6 +112,10 @@ inline size_t q4_blocks(size_t n) { return (n + kQ4Block - 1) / kQ4Block; }
 void quantize_row_q8k(const float* x, size_t n, BlockQ8K* out);
 // The first n values of q4 blocks, as f32: (D * sc) * q - M * m, rounded once.
 void dequantize_row_q4(const BlockQ4* blocks, float* dst, size_t n);
+// Quantizes `rows` rows of n weights into q4_blocks(n) stored blocks each, by the converter's rule
+// (formats/SPEC.md: the same bytes as formats.dtypes.quantize_q4). Returns false, leaving `out`
+// unfinished, when a block's scale or minimum exceeds f16's range.
+bool quantize_rows_q4_weights(const float* x, size_t rows, size_t n, BlockQ4* out);
 
 struct MatmulQ4Args {
   const BlockQ8K* x = nullptr;
