@@ -14,6 +14,10 @@ PREFIX = struct.Struct("<8sHHIIIQQQ16s")  # magic, major, minor, rank, world_siz
 assert PREFIX.size == 64
 TENSOR_ALIGNMENT = 64
 DATA_ALIGNMENT = 4096
+# The writer hands the kernel the data in aligned blocks of this size (a huge page on x86-64 and
+# aarch64): Linux then keeps a file just written in page-cache folios of the size of the writes
+# that made them, and maps a 2 MB folio with one TLB entry (see RankFileWriter).
+WRITE_BLOCK = 2 << 20
 
 
 # A converted model that does not follow the format; the message names the file and tensor. One
@@ -74,7 +78,13 @@ def plan_offsets(header):
 
 class RankFileWriter:
     """Writes one rank file whose header is fixed in size before any data is written: the
-    checksums are fixed-width hex, filled in by `finish` once the data is known."""
+    checksums are fixed-width hex, filled in by `finish` once the data is known.
+
+    The data comes in pieces of a tensor's rows (often 1 MB), in file order. They are gathered
+    into blocks of WRITE_BLOCK bytes at multiples of WRITE_BLOCK, each written whole: the page
+    cache then holds the file in 2 MB folios, which a model loaded right after the conversion maps
+    in 2 MB pages. Written piece by piece, the file sat in folios the size of the pieces, mapped in
+    4 KB pages, and 2-thread decode was 4-13% slower (README, "Performance")."""
 
     def __init__(self, path, rank, world_size, header, data_offset, file_size):
         """`header` with its offsets set by plan_offsets, which also gave data_offset and file_size."""
@@ -83,9 +93,39 @@ class RankFileWriter:
         self.data_offset, self.file_size = data_offset, file_size
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self._fd, self.file_size)  # gaps and padding read as zeros
+        self._block = bytearray(WRITE_BLOCK)
+        self._block_index = None  # the block gathered in self._block, if any
+        self._block_filled = 0    # self._block[:_block_filled] holds data or zeros
+        self._written_blocks = set()
 
     def write(self, offset, data):
         view = memoryview(data).cast("B")
+        while len(view):
+            index, start = divmod(offset, WRITE_BLOCK)
+            count = min(len(view), WRITE_BLOCK - start)
+            if index in self._written_blocks:  # in the page cache already: write the piece alone
+                self._pwrite(offset, view[:count])
+            else:
+                if index != self._block_index:
+                    self._write_block()
+                    self._block_index = index
+                if start > self._block_filled:  # a gap reads as zeros
+                    self._block[self._block_filled:start] = bytes(start - self._block_filled)
+                self._block[start:start + count] = view[:count]
+                self._block_filled = max(self._block_filled, start + count)
+            view, offset = view[count:], offset + count
+
+    def _write_block(self):
+        if self._block_index is None:
+            return
+        begin = self._block_index * WRITE_BLOCK
+        size = min(WRITE_BLOCK, self.file_size - begin)
+        self._block[self._block_filled:size] = bytes(max(0, size - self._block_filled))
+        self._pwrite(begin, memoryview(self._block)[:size])
+        self._written_blocks.add(self._block_index)
+        self._block_index, self._block_filled = None, 0
+
+    def _pwrite(self, offset, view):
         while len(view):
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
@@ -98,7 +138,8 @@ class RankFileWriter:
         header_crc = _core.crc32c(encoded)
         prefix = Prefix(*VERSION, self.rank, self.world_size, header_crc, len(encoded),
                         self.data_offset, self.file_size, conversion_id)
-        self.write(0, prefix.pack() + encoded)
+        self._write_block()
+        self._pwrite(0, prefix.pack() + encoded)  # into the first block, written with the data
         os.fsync(self._fd)
         self.close()
         return header_crc

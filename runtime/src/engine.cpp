@@ -289,18 +289,15 @@ size_t matmul_chunk_rows(size_t rows, size_t threads) {
   return std::max(kAlign, (per + kAlign - 1) / kAlign * kAlign);
 }
 
-// compute(o0, o1) over the rows [0, rows) of a matrix product, in chunks of contiguous rows taken
-// in order by whichever thread is free: a thread that was descheduled, or streams slower, leaves
-// the rest to the others instead of holding them at the join. Each row's value is the same
-// whichever thread computes it (kernels.h, quant.h).
+// compute(o0, o1) over the rows [0, rows) of a matrix product, in chunks of contiguous rows: each
+// thread goes through its own share of them in address order, then takes what is left of the
+// others' (ThreadPool::run_chunks), so that a thread that was descheduled, or streams slower,
+// leaves its last chunks to the others instead of holding them at the join. Each row's value is
+// the same whichever thread computes it (kernels.h, quant.h).
 template <class Compute>
 void for_row_chunks(ThreadPool& pool, size_t rows, const Compute& compute) {
   if (pool.size() == 1) return compute(size_t(0), rows);
-  const size_t chunk = matmul_chunk_rows(rows, static_cast<size_t>(pool.size()));
-  std::atomic<size_t> next{0};
-  pool.run(pool.size(), [&](int) {
-    for (size_t b = next.fetch_add(chunk); b < rows; b = next.fetch_add(chunk)) compute(b, std::min(rows, b + chunk));
-  });
+  pool.run_chunks(rows, matmul_chunk_rows(rows, static_cast<size_t>(pool.size())), compute);
 }
 }  // namespace
 

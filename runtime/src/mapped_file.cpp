@@ -41,6 +41,13 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
     throw FormatError(path + ": cannot map: " + std::strerror(e));
   }
   data_ = static_cast<const uint8_t*>(p);
+  // Where the file is read from disk through this mapping, the kernel's fault readahead then
+  // reads it in 2 MB folios, which it maps with one TLB entry each (after the page cache was
+  // dropped, 98% of a 0.6B rank file was mapped so against 73% without the advice; README,
+  // "Performance"). Advice only: kernels without transparent huge pages refuse or ignore it.
+#ifdef MADV_HUGEPAGE
+  ::madvise(p, size_, MADV_HUGEPAGE);
+#endif
   guard_slot_ = guard_mapping(data_, size_);
 }
 

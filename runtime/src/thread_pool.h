@@ -33,11 +33,21 @@ class ThreadPool {
   int size() const { return n_; }
   // Runs fn(i) for i in [0, n_tasks) and returns when all are done. Not reentrant.
   void run(int n_tasks, const std::function<void(int)>& fn);
+  // Runs fn(begin, end) over [0, n) in chunks of `chunk` (the last one shorter), in parallel. Each
+  // thread takes the chunks of its own contiguous share in order, then those left in the others'
+  // shares: a thread reads on from where its last chunk ended, and one that was descheduled, or
+  // streams slower, leaves its last chunks to the others instead of holding them at the join.
+  void run_chunks(size_t n, size_t chunk, const std::function<void(size_t begin, size_t end)>& fn);
 
  private:
   void worker(int index);
   void run_share(int thread_index);
   void stop_threads();
+
+  struct alignas(64) Share {  // one thread's chunks: the next one's start, and the share's end
+    std::atomic<size_t> next{0};
+    size_t end = 0;
+  };
 
   int n_;
   std::vector<std::thread> threads_;
@@ -48,6 +58,7 @@ class ThreadPool {
   std::atomic<unsigned long> generation_{0};
   std::atomic<int> pending_{0};
   std::atomic<bool> stop_{false};
+  std::vector<Share> shares_;  // run_chunks's, one per thread
 };
 
 // Splits [0, n) into pool.size() contiguous ranges (fewer when n is small) and runs
