@@ -175,6 +175,17 @@ def q8_model(checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module", params=["q8", "q4"])
+def quantized_model(request, checkpoint, q8_model, tmp_path_factory):
+    """(dtype, directory): the checkpoint at tp 2 in each quantized dtype (the tests below hold for
+    both; tests/test_quant_q4.py has q4's own)."""
+    if request.param == "q8":
+        return "q8", q8_model
+    out = tmp_path_factory.mktemp("q4") / "model"
+    convert(checkpoint, out, tp=2, dtype="q4")
+    return "q4", out
+
+
 def test_a_q8_conversion_validates_and_quantizes_each_ranks_slice(checkpoint, q8_model):
     assert formats.validate(q8_model).ok
     converted = formats.open(q8_model)
@@ -193,33 +204,35 @@ def test_a_q8_conversion_validates_and_quantizes_each_ranks_slice(checkpoint, q8
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_a_q8_model_gives_the_logits_of_the_generic_kernels_with_every_instruction_set(q8_model, monkeypatch, isa):
-    # The q8 products are the same bits everywhere (above); the attention kernels of each
-    # instruction set round differently (measured: 1e-6 apart here), so the logits are compared
-    # within 1e-5, far below what a wrong block or scale gives (1e-2 and more).
+def test_a_quantized_model_gives_the_logits_of_the_generic_kernels_with_every_instruction_set(quantized_model, monkeypatch, isa):
+    # The q8 and q4 products are the same bits everywhere (above, and tests/test_quant_q4.py); the
+    # attention kernels of each instruction set round differently (measured: 1e-6 apart here), so
+    # the logits are compared within 1e-5, far below what a wrong block or scale gives (1e-2 and more).
+    _, model = quantized_model
     ids = list(np.random.default_rng(3).integers(0, 389, 21))
     monkeypatch.setenv("QWEN3PACK_ISA", "generic")
-    with runtime.load(q8_model, threads=2) as m:
+    with runtime.load(model, threads=2) as m:
         want = m.logits(ids)
     monkeypatch.setenv("QWEN3PACK_ISA", isa)
-    with runtime.load(q8_model, threads=2) as m:
+    with runtime.load(model, threads=2) as m:
         got = m.logits(ids)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
         assert np.array_equal(m.logits(ids[:7]), got[:7])  # a shorter prefill: the same bits
 
 
-def test_a_q8_conversion_is_the_same_bytes_twice(checkpoint, q8_model, tmp_path):
-    convert(checkpoint, tmp_path / "again", tp=2, dtype="q8")
+def test_a_quantized_conversion_is_the_same_bytes_twice(checkpoint, quantized_model, tmp_path):
+    dtype, model = quantized_model
+    convert(checkpoint, tmp_path / "again", tp=2, dtype=dtype)
     for file in ("manifest.json", "rank-00000-of-00002.q3p", "rank-00001-of-00002.q3p"):
-        assert (tmp_path / "again" / file).read_bytes() == (q8_model / file).read_bytes()
+        assert (tmp_path / "again" / file).read_bytes() == (model / file).read_bytes()
 
 
-def test_a_damaged_q8_file_is_refused_naming_the_tensor(q8_model, tmp_path):
+def test_a_damaged_quantized_file_is_refused_naming_the_tensor(quantized_model, tmp_path):
     copy = tmp_path / "model"
-    shutil.copytree(q8_model, copy)
+    shutil.copytree(quantized_model[1], copy)
     path = copy / "rank-00000-of-00002.q3p"
     data = bytearray(path.read_bytes())
-    data[formats.open(copy).ranks[0].tensors[DOWN]["offset"] + 35] ^= 0x10
+    data[formats.open(copy).ranks[0].tensors[DOWN]["offset"] + 20] ^= 0x10  # a value of the first block
     path.write_bytes(data)
     assert formats.validate(copy).problems == [f"{path.name}: tensor {DOWN}: checksum mismatch (the data is damaged)"]
     with pytest.raises(FormatError, match=f"tensor '{DOWN}': CRC32C mismatch"):
@@ -229,12 +242,18 @@ def test_a_damaged_q8_file_is_refused_naming_the_tensor(q8_model, tmp_path):
         runtime.load(copy)
 
 
-def test_the_loader_refuses_a_q8_record_whose_size_is_not_whole_blocks(q8_model):
-    converted = formats.open(q8_model)
+# o_proj [72, 48] per rank with one byte a value (q8) or half a byte (q4), as if the blocks had no scales
+BLOCKLESS_NBYTES = {"q8": 72 * 48, "q4": 72 * 48 // 2}
+
+
+def test_the_loader_refuses_a_quantized_record_whose_size_is_not_whole_blocks(quantized_model):
+    dtype, model = quantized_model
+    converted = formats.open(model)
     ranks = runtime.model.rank_sources(converted)
     record = next(r for r in ranks[0]["tensors"] if r["name"] == O_PROJ)
-    record["nbytes"] = 72 * 48  # one byte a value, as if the blocks had no scales
-    with pytest.raises(ValueError, match=f"tensor '{O_PROJ}': nbytes 3456 differs from shape \\[72, 48\\] of q8"):
+    record["nbytes"] = BLOCKLESS_NBYTES[dtype]
+    with pytest.raises(ValueError, match=f"tensor '{O_PROJ}': nbytes {record['nbytes']} differs from shape "
+                                         f"\\[72, 48\\] of {dtype}"):
         _core.Engine(converted.model, converted.layout, ranks, 1, 64, False)
 
 
