@@ -348,6 +348,25 @@ std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::
   return result;
 }
 
+// The rows of x quantized to activation blocks, then their product with every row of the
+// quantized weights w by `kernel` (Args: MatmulQ8Args or MatmulQ4Args).
+template <class Args, class Activations, class Quantize, class Kernel>
+FloatArray quantized_product(const float* x, size_t n, size_t in, size_t out, const void* w, size_t blocks,
+                             Quantize quantize, Kernel kernel) {
+  std::vector<Activations> xq(n * blocks);
+  for (size_t t = 0; t < n; ++t) quantize(x + t * in, in, xq.data() + t * blocks);
+  std::vector<float> y(n * out);
+  Args a;
+  a.x = xq.data();
+  a.n = n;
+  a.in = in;
+  a.out = out;
+  a.w = static_cast<decltype(a.w)>(w);
+  a.y = y.data();
+  kernel(a, 0, out);
+  return make_array(std::move(y), {n, out});
+}
+
 // y = x W^T with one instruction set's kernel, as the engine runs it (for the kernel tests).
 // W holds the raw values of dtype `dtype` (f32, or the 16-bit patterns of bf16/f16), or for q8
 // and q4 the bytes of its rows of blocks, [out, row bytes] (x is then quantized as the engine does).
@@ -363,33 +382,13 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
   if (blocks ? w.shape(1) * w.itemsize() != q3p::row_bytes(dt, in) : (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt)))
     throw q3p::UsageError("w must be [out, in] of " + dtype + " values");
   const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
+  if (dt == q3p::DType::Q8)
+    return quantized_product<q3p::MatmulQ8Args, q3p::BlockQ8Act>(x.data(), n, in, out, w.data(), q3p::q8_blocks(in),
+                                                                 q3p::quantize_row_q8, kernel.matmul_q8);
+  if (dt == q3p::DType::Q4)
+    return quantized_product<q3p::MatmulQ4Args, q3p::BlockQ8K>(x.data(), n, in, out, w.data(), q3p::q4_blocks(in),
+                                                               q3p::quantize_row_q8k, kernel.matmul_q4);
   std::vector<float> y(n * out);
-  if (dt == q3p::DType::Q8) {
-    std::vector<q3p::BlockQ8Act> xq(n * q3p::q8_blocks(in));
-    for (size_t t = 0; t < n; ++t) q3p::quantize_row_q8(x.data() + t * in, in, xq.data() + t * q3p::q8_blocks(in));
-    q3p::MatmulQ8Args a;
-    a.x = xq.data();
-    a.n = n;
-    a.in = in;
-    a.out = out;
-    a.w = static_cast<const q3p::BlockQ8*>(w.data());
-    a.y = y.data();
-    kernel.matmul_q8(a, 0, out);
-    return make_array(std::move(y), {n, out});
-  }
-  if (dt == q3p::DType::Q4) {
-    std::vector<q3p::BlockQ8K> xq(n * q3p::q4_blocks(in));
-    for (size_t t = 0; t < n; ++t) q3p::quantize_row_q8k(x.data() + t * in, in, xq.data() + t * q3p::q4_blocks(in));
-    q3p::MatmulQ4Args a;
-    a.x = xq.data();
-    a.n = n;
-    a.in = in;
-    a.out = out;
-    a.w = static_cast<const q3p::BlockQ4*>(w.data());
-    a.y = y.data();
-    kernel.matmul_q4(a, 0, out);
-    return make_array(std::move(y), {n, out});
-  }
   q3p::MatmulArgs a;
   a.x = x.data();
   a.n = n;

@@ -282,7 +282,7 @@ void Engine::check_finite(const std::vector<float>& logits) const {
 
 namespace {
 // Rows per chunk of a matrix product: about 8 chunks per thread (a slow thread holds the others
-// up by one chunk at most), a multiple of 12 so that the kernels' row tiles (4 or 6) fill each.
+// up by one chunk at most), a multiple of 12 so that the kernels' row tiles (6, 2 or 1 rows) fill each.
 size_t matmul_chunk_rows(size_t rows, size_t threads) {
   constexpr size_t kAlign = 12, kChunksPerThread = 8;
   const size_t per = (rows + threads * kChunksPerThread - 1) / (threads * kChunksPerThread);
@@ -299,6 +299,25 @@ void for_row_chunks(ThreadPool& pool, size_t rows, const Compute& compute) {
   if (pool.size() == 1) return compute(size_t(0), rows);
   pool.run_chunks(rows, matmul_chunk_rows(rows, static_cast<size_t>(pool.size())), compute);
 }
+
+// A product on quantized weights (Args: MatmulQ8Args or MatmulQ4Args, quant.h): the activations
+// are quantized once, a block row per token (a small cost next to the product: n * in values
+// against in * out weights), then the threads compute chunks of rows with integer dot products.
+template <class Args, class Activations, class Quantize, class Kernel>
+void quantized_matmul(ThreadPool& pool, const MatmulArgs& a, Activations* xq, size_t blocks, Quantize quantize,
+                      Kernel kernel) {
+  parallel_for(pool, a.n, [&](int, size_t b, size_t e) {
+    for (size_t t = b; t < e; ++t) quantize(a.x + t * a.in, a.in, xq + t * blocks);
+  });
+  Args q;
+  q.x = xq;
+  q.n = a.n;
+  q.in = a.in;
+  q.out = a.out;
+  q.w = static_cast<decltype(q.w)>(a.w);
+  q.y = a.y;
+  for_row_chunks(pool, a.out, [&](size_t o0, size_t o1) { kernel(q, o0, o1); });
+}
 }  // namespace
 
 void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, float* y) {
@@ -311,57 +330,17 @@ void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, flo
   a.w = w.data;
   a.dt = w.dtype;
   a.y = y;
-  if (w.dtype == DType::Q8) {
-    matmul_q8(rank, a);
-    return;
-  }
-  if (w.dtype == DType::Q4) {
-    matmul_q4(rank, a);
-    return;
-  }
+  RankWork& work = work_[static_cast<size_t>(rank)];
+  if (w.dtype == DType::Q8)
+    return quantized_matmul<MatmulQ8Args>(pool, a, work.xq.data(), q8_blocks(a.in), quantize_row_q8, kernels_.matmul_q8);
+  if (w.dtype == DType::Q4)  // activations in blocks of 256 (quant.h)
+    return quantized_matmul<MatmulQ4Args>(pool, a, work.xq4.data(), q4_blocks(a.in), quantize_row_q8k, kernels_.matmul_q4);
   if (bf16_activations_ && w.dtype == DType::BF16) {  // rounded once here, for all the threads' rows
-    uint16_t* x_bf16 = work_[static_cast<size_t>(rank)].x_bf16.data();
+    uint16_t* x_bf16 = work.x_bf16.data();
     parallel_for(pool, n, [&](int, size_t b, size_t e) { to_bf16(x + b * a.in, x_bf16 + b * a.in, (e - b) * a.in); });
     a.x_bf16 = x_bf16;
   }
   for_row_chunks(pool, a.out, [&](size_t o0, size_t o1) { kernels_.matmul(a, o0, o1); });
-}
-
-// The activations are quantized once (a small cost next to the product: n * in values against
-// in * out weights), then the threads compute chunks of rows with integer dot products.
-void Engine::matmul_q8(int rank, const MatmulArgs& a) {
-  ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
-  BlockQ8Act* xq = work_[static_cast<size_t>(rank)].xq.data();
-  const size_t blocks = q8_blocks(a.in);
-  parallel_for(pool, a.n, [&](int, size_t b, size_t e) {
-    for (size_t t = b; t < e; ++t) quantize_row_q8(a.x + t * a.in, a.in, xq + t * blocks);
-  });
-  MatmulQ8Args q;
-  q.x = xq;
-  q.n = a.n;
-  q.in = a.in;
-  q.out = a.out;
-  q.w = static_cast<const BlockQ8*>(a.w);
-  q.y = a.y;
-  for_row_chunks(pool, a.out, [&](size_t o0, size_t o1) { kernels_.matmul_q8(q, o0, o1); });
-}
-
-// As matmul_q8, with the activations in blocks of 256 (quant.h).
-void Engine::matmul_q4(int rank, const MatmulArgs& a) {
-  ThreadPool& pool = *pools_[static_cast<size_t>(rank)];
-  BlockQ8K* xq = work_[static_cast<size_t>(rank)].xq4.data();
-  const size_t blocks = q4_blocks(a.in);
-  parallel_for(pool, a.n, [&](int, size_t b, size_t e) {
-    for (size_t t = b; t < e; ++t) quantize_row_q8k(a.x + t * a.in, a.in, xq + t * blocks);
-  });
-  MatmulQ4Args q;
-  q.x = xq;
-  q.n = a.n;
-  q.in = a.in;
-  q.out = a.out;
-  q.w = static_cast<const BlockQ4*>(a.w);
-  q.y = a.y;
-  for_row_chunks(pool, a.out, [&](size_t o0, size_t o1) { kernels_.matmul_q4(q, o0, o1); });
 }
 
 void Engine::rank_forward(int rank) {

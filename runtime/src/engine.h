@@ -125,8 +125,6 @@ class Engine {
   // `rank` in the functions below indexes this process's ranks (0 is first_rank()).
   void rank_forward(int rank);
   void matmul(int rank, const float* x, size_t n, const TensorView& w, float* y);
-  void matmul_q8(int rank, const MatmulArgs& a);
-  void matmul_q4(int rank, const MatmulArgs& a);
   void attention(int rank, int64_t layer);
   void attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t pos, int64_t kv_head, float* state);
   void attend_block(int rank, int64_t layer, const QueryBlock& block, int64_t kv_head, float* scratch);
