@@ -11,7 +11,7 @@ from qwen3pack import _core, formats, runtime
 from qwen3pack.cli import main
 from qwen3pack.convert import ConversionError, SourceError, convert, reshard
 from qwen3pack.formats import FormatError, LayoutError
-from qwen3pack.formats.dtypes import DtypeOverflow, Q8_BLOCK_DTYPE, dequantize_q8, quantize_q8
+from qwen3pack.formats.dtypes import DtypeOverflow, Q8_BLOCK_DTYPE, dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
 from qwen3pack.testing import logit_agreement, make_checkpoint
 
 ISAS = _core.supported_isas()
@@ -104,29 +104,35 @@ def test_the_runtime_quantizes_activations_with_the_converters_rounding():
 
 # ---- The q8 products ----
 
-ODD_SIZES = [(1, 1, 1), (1, 67, 13), (3, 15, 5), (5, 17, 7), (7, 33, 9), (37, 129, 11), (33, 1023, 6), (2, 8, 16),
-             (9, 96, 21)]
+# Odd sizes (n, inputs, outputs) of each dtype: rows ending inside a block (of 32 for q8, 256 for q4).
+ODD_SIZES = {
+    "q8": [(1, 1, 1), (1, 67, 13), (3, 15, 5), (5, 17, 7), (7, 33, 9), (37, 129, 11), (33, 1023, 6), (2, 8, 16), (9, 96, 21)],
+    "q4": [(1, 1, 1), (1, 67, 13), (3, 255, 5), (5, 257, 7), (7, 513, 9), (37, 300, 11), (2, 1024, 6), (9, 96, 21)],
+}
+# dtype: (quantize, dequantize, values per block of the activations' scale)
+QUANTIZERS = {"q8": (quantize_q8, dequantize_q8, 32), "q4": (quantize_q4, dequantize_q4, 256)}
 
 
-def q8_weights(rng, out, inputs):
-    w = rng.standard_normal((out, inputs), dtype=np.float32)
-    blocks = quantize_q8(w)
-    return blocks.view(np.uint8).reshape(out, -1), dequantize_q8(blocks, inputs)
+def quantized_weights(dtype, rng, out, inputs):
+    quantize, dequantize, _ = QUANTIZERS[dtype]
+    blocks = quantize(rng.standard_normal((out, inputs), dtype=np.float32))
+    return blocks.view(np.uint8).reshape(out, -1), dequantize(blocks, inputs)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("n,inputs,outputs", ODD_SIZES)
-def test_every_q8_product_gives_the_bits_of_the_generic_one(isa, n, inputs, outputs):
+@pytest.mark.parametrize("dtype,n,inputs,outputs", [(d, *size) for d, sizes in ODD_SIZES.items() for size in sizes])
+def test_every_quantized_product_gives_the_bits_of_the_generic_one(isa, dtype, n, inputs, outputs):
     rng = np.random.default_rng(n * 1000 + inputs)
     x = rng.standard_normal((n, inputs), dtype=np.float32)
-    stored, dequantized = q8_weights(rng, outputs, inputs)
-    got = _core.matmul(x, stored, "q8", isa)
+    stored, dequantized = quantized_weights(dtype, rng, outputs, inputs)
+    got = _core.matmul(x, stored, dtype, isa)
     assert got.shape == (n, outputs)
-    assert np.array_equal(got, _core.matmul(x, stored, "q8", "generic"))
+    assert np.array_equal(got, _core.matmul(x, stored, dtype, "generic"))
     # against the exact product of the stored weights: only the activations' rounding (half a
     # step of their block scale per value) and the f32 sums differ
-    steps = np.abs(np.pad(x, [(0, 0), (0, -inputs % 32)])).reshape(n, -1, 32).max(-1) / 127
-    bound = (np.repeat(steps, 32, axis=1)[:, :inputs] / 2) @ np.abs(dequantized).T.astype(np.float64)
+    block = QUANTIZERS[dtype][2]
+    steps = np.abs(np.pad(x, [(0, 0), (0, -inputs % block)])).reshape(n, -1, block).max(-1) / 127
+    bound = (np.repeat(steps, block, axis=1)[:, :inputs] / 2) @ np.abs(dequantized).T.astype(np.float64)
     exact = x.astype(np.float64) @ dequantized.T.astype(np.float64)
     assert np.all(np.abs(got - exact) <= bound * 1.001 + 1e-5 * (np.abs(x) @ np.abs(dequantized).T))
 
@@ -144,13 +150,14 @@ def test_extreme_stored_values_give_the_same_bits_everywhere(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_a_token_gives_the_same_bits_alone_or_in_any_batch(isa):
+@pytest.mark.parametrize("dtype", sorted(QUANTIZERS))
+def test_a_token_gives_the_same_bits_alone_or_in_any_batch(isa, dtype):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((23, 301), dtype=np.float32)
-    stored, _ = q8_weights(rng, 19, 301)
-    full = _core.matmul(x, stored, "q8", isa)
+    stored, _ = quantized_weights(dtype, rng, 19, 301)
+    full = _core.matmul(x, stored, dtype, isa)
     for t in (0, 5, 22):
-        assert np.array_equal(_core.matmul(x[t:t + 1], stored, "q8", isa)[0], full[t])
+        assert np.array_equal(_core.matmul(x[t:t + 1], stored, dtype, isa)[0], full[t])
 
 
 def test_a_q8_product_checks_the_row_size():
