@@ -29,7 +29,7 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     assert set(printed["machine"]["fma_peak_flops"]) == set(printed["machine"]["bf16_peak_flops"]) == {"1", "2"}
     assert set(printed["conversion"]) == {"bytes", "tp", "convert_s", "cp_sync_s", "convert_over_cp", "validate_gb_s"}
     assert set(printed["transformers"]) == {"1", "2"}
-    assert set(printed["transformers"]["1"]) == {"prefill_tok_s", "decode_tok_s"}
+    assert set(printed["transformers"]["1"]) == {"prefill_tok_s", "decode_tok_s", "ours_over"}
     assert printed["llama.cpp"] is None
     if bench.mpiexec() is None:
         assert printed["mpi"] is None
@@ -44,14 +44,27 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
         assert set(q["accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
         assert 0 <= q["accuracy"]["top1"] <= 1 and q["accuracy"]["mean_kl"] >= 0
     assert printed["q8"]["llama_cpp_q8_0"] is None
+    assert set(printed["bf16_accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
+    assert set(printed["machine"]["median_read_bandwidth_bytes_s"]) == {"1", "2"}
+    assert set(printed["transformers"]["1"]["ours_over"]) == {"f32", "bf16"}
 
     bench.print_table(results)
     table = capsys.readouterr().out
     for line in ("read bandwidth", "FMA peak", "with bf16 activations", "decode b16", "decode from position 40",
                  "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "llama.cpp q8_0: not found",
-                 "q8 against the f32 model", "q4 weights at tp 1", "q4 against the f32 model",
+                 "q8 against the f32 model", "q4 weights at tp 1", "q4 against the f32 model", "x bf16's)",
+                 "bf16 weights against the f32 weights they were rounded from", "the median of each round's ratio",
                  "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):
         assert line in table
+
+
+def test_a_ratio_to_a_baseline_pairs_the_runs_of_each_round():
+    # Round 2 ran while the machine read memory at twice round 1's rate: both sides sped up. The
+    # ratio of the medians (40/15 = 2.67) would mix a slow round of one side with a fast one of the other.
+    ours = [dict(prefill_tok_s=20.0, decode_tok_s={1: 10.0}), dict(prefill_tok_s=60.0, decode_tok_s={1: 30.0}),
+            dict(prefill_tok_s=40.0, decode_tok_s={1: 20.0})]
+    theirs = [dict(prefill_tok_s=10.0, decode_tok_s=8.0), dict(prefill_tok_s=20.0, decode_tok_s=24.0), None]
+    assert bench.ours_over(ours, theirs) == dict(prefill=2.5, decode=1.25)
 
 
 def test_llama_cpp_is_optional(monkeypatch, tmp_path):

@@ -16,7 +16,8 @@ activations="bf16")):
   weight per token), or for bf16 activations the peak of the bf16 dot product (vdpbf16ps);
 - transformers (torch CPU, bf16, same threads, same weights): prefill and decode, as ratios;
 - llama.cpp's llama-bench on the same weights when LLAMA_BENCH names it (the GGUF made by the
-  convert_hf_to_gguf.py of LLAMA_CPP_DIR), as ratios; otherwise "llama.cpp: not found";
+  convert_hf_to_gguf.py of LLAMA_CPP_DIR), run right after ours at the same threads; otherwise
+  "llama.cpp: not found". A ratio to a baseline is the median of each round's ratio;
 - conversion against `cp` + `sync` of the same bytes, and checksum validation;
 - with the qwen3pack[mpi] extra, tp 2 as `mpiexec -n 2` processes of one thread each: decode
   tokens/s at batch 1 against tp 2 with 2 threads in one process, and the latency of one
@@ -29,7 +30,8 @@ activations="bf16")):
   (the bf16 conversion: the runtime computes in f32 and holds the bf16 weights exactly): mean KL
   divergence of the next-token distributions, top-1 agreement, largest logit error. The random
   checkpoint is drawn trained-like (testing.make_checkpoint: outlier columns, logits of a
-  trained model's spread).
+  trained model's spread); the same figures for its bf16 weights against the f32 weights they
+  were rounded from give the scale: how sensitive this checkpoint is to weight error.
 Every figure is the median of --repeats runs, interleaved over the configurations. --json prints
 the results as JSON instead of the table; --quick runs everything on a tiny model in seconds
 (the test suite does, to keep this script working; its numbers mean nothing).
@@ -139,6 +141,21 @@ def summarize(tp, threads, activations, got, weight_bytes, bandwidth, flops_per_
                 ttft_s=median([g["ttft_s"] for g in got]), prefill_tok_s=prefill, decode_tok_s=decode,
                 decode_of_roofline=decode[1] * weight_bytes / bandwidth[threads],
                 prefill_of_fma_peak=prefill * flops_per_token / peak[activations][threads])
+
+
+def bf16_rounding_accuracy(work, drawn, bf16_converted, p, args):
+    """What rounding the weights to bf16 costs on the random checkpoint: the accuracy of its bf16
+    conversion against the f32 weights they were rounded from (make_checkpoint's same draw, saved
+    in f32). It measures the checkpoint's sensitivity, the scale for q8's and q4's figures: a
+    random network is more sensitive to weight error than a trained one."""
+    log(args, "bf16 accuracy against the f32 draw of the same checkpoint ...")
+    source = make_checkpoint(work / "source-f32", dtype="f32", **drawn)
+    convert(source, work / "f32", tp=1)
+    shutil.rmtree(source)
+    try:
+        return accuracy(work / "f32", bf16_converted, p)
+    finally:
+        shutil.rmtree(work / "f32")
 
 
 def bench_long_context(converted, p, rng, kv_dtype):
@@ -332,8 +349,8 @@ def run(args):
             log(args, f"making a random bf16 checkpoint with the shapes of Qwen3-{args.size.upper()} ...")
             # trained-like weights (for q8's accuracy) and Qwen3's kind of tokenizer (a BPE with
             # merges), which llama.cpp's GGUF needs
-            source = make_checkpoint(work / "source", dtype="bf16", tie=shape.pop("tie_word_embeddings"),
-                                     trained_like=True, qwen3_tokenizer=True, **shape)
+            drawn = dict(tie=shape.pop("tie_word_embeddings"), trained_like=True, qwen3_tokenizer=True, **shape)
+            source = make_checkpoint(work / "source", dtype="bf16", **drawn)
         config = json.loads((source / "config.json").read_text())
         log(args, "converting ...")
         converted = {}
@@ -345,6 +362,7 @@ def run(args):
         for dtype in QUANTIZED:
             quantized_dirs[dtype] = work / dtype
             convert(source, quantized_dirs[dtype], tp=1, dtype=dtype)
+        bf16_accuracy = None if args.checkpoint else bf16_rounding_accuracy(work, drawn, converted[1], p, args)
         gguf = llama_cpp_gguf(source, work)
         gguf_q8 = gguf and llama_cpp_gguf(source, work, "q8_0")
 
@@ -364,24 +382,25 @@ def run(args):
             for tp, threads, activations in RUNS:
                 samples[(tp, threads, activations)].append(
                     bench_runtime(converted[tp], threads, p, rng, args.kv_dtype, activations))
-                if tp == 1 and activations == "f32":  # q8, q4 right after bf16 at the same threads: the same load
+                if tp == 1 and activations == "f32":  # each next to the run it is compared with: the same machine state
+                    if gguf:
+                        baselines["llama.cpp"][threads].append(bench_llama_cpp(gguf, threads, p))
                     for dtype in QUANTIZED:
                         quantized_samples[dtype][threads].append(
                             bench_runtime(quantized_dirs[dtype], threads, p, rng, args.kv_dtype))
-                    if gguf_q8:
-                        llama_q8_samples[threads].append(bench_llama_cpp(gguf_q8, threads, p))
+                        if dtype == "q8" and gguf_q8:
+                            llama_q8_samples[threads].append(bench_llama_cpp(gguf_q8, threads, p))
             for kv in KV_DTYPES:
                 long_context[kv].append(bench_long_context(converted, p, rng, kv))
             for t in threads_used:
                 bandwidth[t].append(memory_bandwidth(t, p["bandwidth_bytes"]))
                 if not args.no_transformers:
                     baselines["transformers"][t].append(bench_transformers(source, t, p, rng))
-                if gguf:
-                    baselines["llama.cpp"][t].append(bench_llama_cpp(gguf, t, p))
             over_mpi.append(bench_mpi(converted[2], args.quick))
             all_reduce_threads.append(_core.all_reduce_seconds(
                 config["hidden_size"], ALL_REDUCE_ITERATIONS // (10 if args.quick else 1), ranks=MPI_PROCESSES))
 
+        bandwidth_median = {t: median(v) for t, v in bandwidth.items()}
         bandwidth = {t: max(v) for t, v in bandwidth.items()}
         flops_per_token = 2 * matrix_weights(config)
         runs = [summarize(tp, threads, activations, got, weight_bytes, bandwidth, flops_per_token, peak)
@@ -389,16 +408,18 @@ def run(args):
         quantized = {dtype: summarize_quantized(dtype, quantized_dirs[dtype], quantized_samples[dtype], samples,
                                                 converted[1], p, bandwidth, flops_per_token, peak, args)
                      for dtype in QUANTIZED}
-        llama_q8 = {t: {k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")}
+        llama_q8 = {t: {**{k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")},
+                        "ours_over": ours_over(quantized_samples["q8"][t], got)}
                     for t, got in llama_q8_samples.items() if got}
         quantized["q8"]["llama_cpp_q8_0"] = llama_q8 or None
         baseline_results = {}
         for name, by_threads in baselines.items():
             results = {}
-            for t, got in by_threads.items():
-                got = [g for g in got if g]
+            for t, by_round in by_threads.items():
+                got = [g for g in by_round if g]
                 if got:
-                    results[t] = {k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")}
+                    results[t] = {**{k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")},
+                                  "ours_over": {act: ours_over(samples[(1, t, act)], by_round) for act in ("f32", "bf16")}}
             baseline_results[name] = results or None
         mpi = None
         if over_mpi[0] is not None:
@@ -411,13 +432,23 @@ def run(args):
             model=dict(size="tiny (--quick)" if args.quick else args.size, layers=config["num_hidden_layers"],
                        weight_bytes=weight_bytes, flops_per_token=flops_per_token),
             machine=dict(cpus=os.cpu_count(), isa=isa, fma_peak_flops=peak["f32"], bf16_peak_flops=peak["bf16"],
-                         read_bandwidth_bytes_s=bandwidth),
+                         read_bandwidth_bytes_s=bandwidth, median_read_bandwidth_bytes_s=bandwidth_median),
             sizes=p, repeats=args.repeats, kv_dtype=args.kv_dtype, runs=runs, **quantized,
             long_context=dict(position=p["long_context"], tp=1, threads=LONG_CONTEXT_THREADS,
                               decode_tok_s={kv: median(v) for kv, v in long_context.items()}),
-            conversion=conversion, mpi=mpi, **baseline_results)
+            bf16_accuracy=bf16_accuracy, conversion=conversion, mpi=mpi, **baseline_results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def ours_over(ours, theirs):
+    """Our speed over a baseline's, prefill and decode at batch 1: the median over rounds of each
+    round's ratio. The two runs of a round are measured minutes apart at most, and this machine's
+    read bandwidth moves between rounds (see README, Performance), so a ratio of medians could
+    compare a fast round of one with a slow round of the other."""
+    pairs = [(o, t) for o, t in zip(ours, theirs) if t]
+    return dict(prefill=median([o["prefill_tok_s"] / t["prefill_tok_s"] for o, t in pairs]),
+                decode=median([o["decode_tok_s"][1] / t["decode_tok_s"] for o, t in pairs]))
 
 
 def summarize_quantized(dtype, directory, got, samples, f32_directory, p, bandwidth, flops_per_token, peak, args):
@@ -449,7 +480,8 @@ def print_table(r):
     print(f"model: Qwen3-{m['size']} shapes, {m['layers']} layers, bf16, {m['weight_bytes'] / 1e9:.2f} GB of weights; "
           f"kernels: {mach['isa']}; KV cache {r['kv_dtype']}; {mach['cpus']} CPUs; medians of {r['repeats']}")
     for t, bw in mach["read_bandwidth_bytes_s"].items():
-        print(f"machine, {t} thread(s): read bandwidth {bw / 1e9:.1f} GB/s (decode roofline "
+        print(f"machine, {t} thread(s): read bandwidth {bw / 1e9:.1f} GB/s, the best of the rounds (median "
+              f"{mach['median_read_bandwidth_bytes_s'][t] / 1e9:.1f}; decode roofline "
               f"{bw / m['weight_bytes']:.1f} tokens/s); FMA peak {mach['fma_peak_flops'][t] / 1e9:.0f} GFLOP/s "
               f"(prefill roofline {mach['fma_peak_flops'][t] / m['flops_per_token']:.0f} tokens/s), with bf16 "
               f"activations {mach['bf16_peak_flops'][t] / 1e9:.0f} GFLOP/s")
@@ -469,12 +501,11 @@ def print_table(r):
             print(f"\n{name}: not found" if name == "llama.cpp"
                   else f"\n{name}: not measured (--no-transformers, or not installed: make test installs it)")
             continue
-        print(f"\n{name} (tokens/s), and qwen3pack at tp 1 over it (f32 activations; bf16 activations)")
+        print(f"\n{name} (tokens/s), and qwen3pack at tp 1 over it, the median of each round's ratio "
+              f"(f32 activations; bf16 activations)")
         for t, theirs in r[name].items():
-            ours = [next(x for x in r["runs"] if (x["tp"], x["threads"], x["activations"]) == (1, t, act))
-                    for act in ("f32", "bf16")]
-            prefill = "; ".join(ratio(x["prefill_tok_s"], theirs["prefill_tok_s"]) for x in ours)
-            decode = "; ".join(ratio(x["decode_tok_s"][1], theirs["decode_tok_s"]) for x in ours)
+            prefill = "; ".join(f"{theirs['ours_over'][act]['prefill']:.2f}x" for act in ("f32", "bf16"))
+            decode = "; ".join(f"{theirs['ours_over'][act]['decode']:.2f}x" for act in ("f32", "bf16"))
             print(f"  {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours {prefill}), "
                   f"decode {theirs['decode_tok_s']:.1f} (ours {decode})")
     mpi = r["mpi"]
@@ -487,6 +518,13 @@ def print_table(r):
               f"{mpi['all_reduce_floats']} floats {mpi['all_reduce_s'] * 1e6:.1f} us over MPI, "
               f"{mpi['threads_all_reduce_s'] * 1e6:.1f} us between threads (2 per layer: "
               f"{2 * mpi['all_reduce_s'] * 1e6:.1f} us and {2 * mpi['threads_all_reduce_s'] * 1e6:.1f} us)")
+    a = r["bf16_accuracy"]
+    if a is None:
+        print("\nbf16 against f32 weights: not measured (a --checkpoint has no f32 original here)")
+    else:
+        print(f"\nbf16 weights against the f32 weights they were rounded from, {a['prompts']} prompts of {a['tokens']} "
+              f"tokens: mean KL {a['mean_kl']:.2e}, top-1 agreement {a['top1']:.1%}, largest logit error "
+              f"{a['max_logit_error']:.3f} (this random checkpoint's sensitivity to weight error)")
     for dtype in QUANTIZED:
         q = r[dtype]
         print(f"\n{dtype} weights at tp 1 ({q['weight_bytes'] / 1e9:.2f} GB; tokens/s, and the median over rounds of "
@@ -499,8 +537,9 @@ def print_table(r):
         if dtype == "q8":
             print_llama_q8_0(q)
         a = q["accuracy"]
-        print(f"{dtype} against the f32 model, {a['prompts']} prompts of {a['tokens']} tokens: mean KL {a['mean_kl']:.2e}, "
-              f"top-1 agreement {a['top1']:.1%}, largest logit error {a['max_logit_error']:.3f}")
+        print(f"{dtype} against the f32 model, {a['prompts']} prompts of {a['tokens']} tokens: mean KL {a['mean_kl']:.2e}"
+              + (f" ({a['mean_kl'] / r['bf16_accuracy']['mean_kl']:.0f}x bf16's)" if r["bf16_accuracy"] else "")
+              + f", top-1 agreement {a['top1']:.1%}, largest logit error {a['max_logit_error']:.3f}")
     c = r["conversion"]
     print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s; cp + sync {c['cp_sync_s']:.2f} s; "
           f"convert/cp {c['convert_over_cp']:.2f} (target <= 1.5); validate {c['validate_gb_s']:.2f} GB/s")
@@ -510,10 +549,9 @@ def print_llama_q8_0(q8):
     if not q8["llama_cpp_q8_0"]:
         print("  llama.cpp q8_0: not found")
     for t, theirs in (q8["llama_cpp_q8_0"] or {}).items():
-        ours = next(x for x in q8["runs"] if x["threads"] == t)
         print(f"  llama.cpp q8_0, {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours "
-              f"{ratio(ours['prefill_tok_s'], theirs['prefill_tok_s'])}), decode {theirs['decode_tok_s']:.1f} "
-              f"(ours {ratio(ours['decode_tok_s'][1], theirs['decode_tok_s'])})")
+              f"{theirs['ours_over']['prefill']:.2f}x), decode {theirs['decode_tok_s']:.1f} "
+              f"(ours {theirs['ours_over']['decode']:.2f}x), medians of each round's ratio")
 
 
 def main(argv=None):
