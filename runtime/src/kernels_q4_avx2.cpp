@@ -1,7 +1,10 @@
 // The q4 product for AVX2 CPUs, compiled with those flags (see kernels_isa.h for why it uses no
 // header's inline functions): maddubs sums pairs of products, madd multiplies them by a sub-block's
 // scale and adds pairs (4 values a lane); even and odd sub-blocks add up apart, and one hadd per
-// block adds pairs of their lanes into quant.h's lanes I_k.
+// block adds pairs of their lanes into quant.h's lanes I_k. That hadd is what the lanes' grouping
+// (the VNNI sequence's) costs here: on the Zen 4 machine, tiles of 4 tokens took 5.2-5.4 ns a block
+// and token against 5.0 with the grouping before it, one token 7.7-7.8 as before; one hadd per
+// chunk instead, with a single accumulator per token, was no faster (5.2, and 8.0 for one token).
 #include <immintrin.h>
 
 #include <cstring>
