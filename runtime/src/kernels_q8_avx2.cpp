@@ -22,6 +22,8 @@ inline __m256i lane_sums(const WeightBlock& w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(w.magnitude, _mm256_sign_epi8(x, w.q)), _mm256_set1_epi16(1));
 }
 
+inline __m256i single_lane_sums(__m256i wq, __m256i xq) { return lane_sums(weight_block(wq), xq); }  // as any tile
+
 constexpr size_t kRows = 1;  // 16 registers: 8 accumulators of 4 tokens' two parities already
 
 #include "kernels_q8_tiles.inc"

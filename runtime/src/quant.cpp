@@ -178,11 +178,12 @@ float dot_q4(const BlockQ4* w, const BlockQ8K* x, size_t blocks) {
     uint8_t sm[16];
     q4_scales_generic(w[b].scales, sm);
     const float s = f16_to_f32(w[b].d) * x[b].d, m = f16_to_f32(w[b].dmin) * x[b].d;
-    for (size_t k = 0; k < 8; ++k) {
+    for (size_t k = 0; k < 8; ++k) {  // k = 4h + 2e + p (quant.h)
+      const size_t first = 16 * (k / 4) + 8 * (k % 2);
       int32_t sum = 0;
-      for (size_t j = 0; j < 8; ++j) {
+      for (size_t j = (k / 2) % 2; j < 8; j += 2) {
         int32_t p = 0;
-        for (size_t i = 4 * k; i < 4 * k + 4; ++i) p += q4_value(w[b], j, i) * int32_t(x[b].q[j * kQ4Sub + i]);
+        for (size_t i = first; i < first + 8; ++i) p += q4_value(w[b], j, i) * int32_t(x[b].q[j * kQ4Sub + i]);
         sum += int32_t(sm[j]) * p;
       }
       acc[k] = std::fma(s, static_cast<float>(sum), acc[k]);

@@ -81,10 +81,13 @@ Kernels::MatmulQ8 matmul_q8_for(Isa isa);
 // conversions to f32 are too; only the steps below round):
 //   acc[8] = 0, mins[8] = 0
 //   for each block in order, with s = D * x.d and m = M * x.d (each rounded once), for k < 8:
-//       I_k = sum over j < 8 of sc_j * (the 4 products q_i x.q_i of values [4k, 4k + 4) of sub-block j)
+//       I_k = sum over the sub-blocks j of parity e of sc_j * (the 8 products q_i x.q_i of values
+//             [16h + 8p, 16h + 8p + 8) of sub-block j), for k = 4h + 2e + p (h, e, p < 2)
 //       acc[k] = fma(s, float(I_k), acc[k])
 //     and for j < 8: mins[j] = fma(m, float(m_j * x.sum_j), mins[j])
 //   y = A - B, A and B = acc and mins reduced pairwise: v[k] += v[k + w] for w = 4, 2, 1, then v[0].
+// (I_k's grouping is what the cheapest sequence gives: vpdpbusd's sums of 4 products, two
+// sub-blocks' packed to 16 bits, then one vpdpwssd with their scales; kernels_q4_avx512.cpp.)
 //
 // Why activations in blocks of 256 and not of 32 as for q8: a scale per 32 costs a conversion and
 // an FMA per 32 products, which made the q4 product as slow as q8's on half the bytes (measured,
