@@ -67,6 +67,20 @@ def test_a_ratio_to_a_baseline_pairs_the_runs_of_each_round():
     assert bench.ours_over(ours, theirs) == dict(prefill=2.5, decode=1.25)
 
 
+def test_the_quick_accuracy_benchmark_trains_a_model_and_reports_each_conversion_against_f32(capsys):
+    from qwen3pack import bench_accuracy
+    results = bench_accuracy.main(["--quick", "--steps", "2"])
+    assert results["steps"] == 2 and results["training_tokens"] > results["held_out_tokens"] > 0
+    assert results["perplexity"] > 1
+    kl = {name: a["mean_kl"] for name, a in results["against_f32"].items()}
+    assert set(kl) == {"bf16", "q8", "q4", "q4, embed q4"}
+    assert 0 < kl["bf16"] < kl["q8"] < kl["q4"] < kl["q4, embed q4"]  # fewer bits, more error
+    assert all(0 <= a["top1"] <= 1 for a in results["against_f32"].values())
+    table = capsys.readouterr().out
+    for line in ("trained 2 steps", "f32 perplexity", "against the f32 conversion", "q4, embed q4"):
+        assert line in table
+
+
 def test_llama_cpp_is_optional(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_BENCH", str(tmp_path / "missing-llama-bench"))
     monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))
