@@ -99,7 +99,8 @@ def _write_rows(dest, rows, first_row, dtype):
 
 
 # The C++ quantizers give the bytes of formats.dtypes.quantize_q8 and quantize_q4 (tests/test_quant.py,
-# tests/test_quant_q4.py), 4 and 10 times faster.
+# tests/test_quant_q4.py), 4 times faster for q8, and for q4 with 11 times less CPU (5.0 against 53.6 ns
+# a weight on a 512 x 3072 matrix) spread over every core.
 C_QUANTIZERS = {"q8": _core.quantize_q8_weights, "q4": _core.quantize_q4_weights}
 
 

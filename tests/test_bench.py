@@ -27,7 +27,9 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     assert set(long_context["decode_tok_s"]) == {"f32", "bf16"} and all(v > 0 for v in long_context["decode_tok_s"].values())
     assert set(printed["machine"]["read_bandwidth_bytes_s"]) == {"1", "2"}
     assert set(printed["machine"]["fma_peak_flops"]) == set(printed["machine"]["bf16_peak_flops"]) == {"1", "2"}
-    assert set(printed["conversion"]) == {"bytes", "tp", "convert_s", "cp_sync_s", "convert_over_cp", "validate_gb_s"}
+    assert set(printed["conversion"]) == {"bytes", "tp", "convert_s", "q4_convert_s", "cp_sync_s", "convert_over_cp",
+                                          "q4_over_cp", "cpu_s", "validate_gb_s"}
+    assert set(printed["conversion"]["cpu_s"]) == {"cp_sync", "convert", "convert_q4"}
     assert set(printed["transformers"]) == {"1", "2"}
     assert set(printed["transformers"]["1"]) == {"prefill_tok_s", "decode_tok_s", "ours_over"}
     assert printed["llama.cpp"] is None

@@ -18,7 +18,8 @@ activations="bf16")):
 - llama.cpp's llama-bench on the same weights when LLAMA_BENCH names it (the GGUF made by the
   convert_hf_to_gguf.py of LLAMA_CPP_DIR), run right after ours at the same threads; otherwise
   "llama.cpp: not found". A ratio to a baseline is the median of each round's ratio;
-- conversion against `cp` + `sync` of the same bytes, and checksum validation;
+- conversion (bf16, and q4) against `cp` + `sync` of the same bytes, in wall and CPU time, and
+  checksum validation;
 - with the qwen3pack[mpi] extra, tp 2 as `mpiexec -n 2` processes of one thread each: decode
   tokens/s at batch 1 against tp 2 with 2 threads in one process, and the latency of one
   all-reduce of a decode step's hidden vector over MPI and between threads (two per layer);
@@ -39,6 +40,7 @@ the results as JSON instead of the table; --quick runs everything on a tiny mode
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -311,6 +313,9 @@ def bench_llama_cpp(gguf, threads, p):
 
 
 def bench_convert(work, source, tp, repeats):
+    """bf16 and q4 conversions of `source` at `tp`, each round after a `cp` + `sync` of its
+    safetensors: medians of wall and CPU seconds (the conversion runs in this process, cp and sync
+    as children), and the ratios to cp + sync."""
     source_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
     copy_dir = work / "copy"
 
@@ -321,16 +326,30 @@ def bench_convert(work, source, tp, repeats):
         subprocess.run(["sync"], check=True)
 
     out = work / f"tp{tp}"
-    cp_s, convert_s = [], []
+    runs = {"cp_sync": copy, "convert": lambda: convert(source, out, tp=tp, force=True),
+            "convert_q4": lambda: convert(source, work / f"q4-tp{tp}", tp=tp, dtype="q4", force=True)}
+    wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
     for _ in range(repeats):
-        cp_s.append(seconds(copy))
-        convert_s.append(seconds(lambda: convert(source, out, tp=tp, force=True)))
+        for name, run in runs.items():
+            cpu_before = cpu_seconds()
+            wall[name].append(seconds(run))
+            cpu[name].append(cpu_seconds() - cpu_before)
     shutil.rmtree(copy_dir)
+    shutil.rmtree(work / f"q4-tp{tp}")
     report = validate(out)
     assert report.ok, report.problems
     validate_s = median([seconds(lambda: validate(out)) for _ in range(repeats)])
-    return out, dict(bytes=source_bytes, tp=tp, convert_s=median(convert_s), cp_sync_s=median(cp_s),
-                     convert_over_cp=median(convert_s) / median(cp_s), validate_gb_s=report.bytes / validate_s / 1e9)
+    cp_s = median(wall["cp_sync"])
+    return out, dict(bytes=source_bytes, tp=tp, convert_s=median(wall["convert"]), q4_convert_s=median(wall["convert_q4"]),
+                     cp_sync_s=cp_s, convert_over_cp=median(wall["convert"]) / cp_s,
+                     q4_over_cp=median(wall["convert_q4"]) / cp_s,
+                     cpu_s={name: median(v) for name, v in cpu.items()}, validate_gb_s=report.bytes / validate_s / 1e9)
+
+
+def cpu_seconds():
+    """User and system CPU seconds of this process (every thread) and of its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 # ------------------------------------------------------------------------------------------
@@ -541,8 +560,10 @@ def print_table(r):
               + (f" ({a['mean_kl'] / r['bf16_accuracy']['mean_kl']:.0f}x bf16's)" if r["bf16_accuracy"] else "")
               + f", top-1 agreement {a['top1']:.1%}, largest logit error {a['max_logit_error']:.3f}")
     c = r["conversion"]
-    print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s; cp + sync {c['cp_sync_s']:.2f} s; "
-          f"convert/cp {c['convert_over_cp']:.2f} (target <= 1.5); validate {c['validate_gb_s']:.2f} GB/s")
+    print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s (q4 {c['q4_convert_s']:.2f} s); "
+          f"cp + sync {c['cp_sync_s']:.2f} s; convert/cp {c['convert_over_cp']:.2f} (target <= 1.5), q4 "
+          f"{c['q4_over_cp']:.2f} (target <= 3); CPU s: convert {c['cpu_s']['convert']:.2f}, q4 "
+          f"{c['cpu_s']['convert_q4']:.2f}, cp + sync {c['cpu_s']['cp_sync']:.2f}; validate {c['validate_gb_s']:.2f} GB/s")
 
 
 def print_llama_q8_0(q8):
