@@ -146,7 +146,8 @@ def run(args):
 def print_table(r):
     m = r["model"]
     print(f"Qwen3 of {m['layers']} layers, hidden {m['hidden']}, vocabulary {m['vocab']}, trained {r['steps']} steps "
-          f"on {r['training_tokens']} tokens of Python's standard library (last loss {r['final_loss']:.2f})")
+          f"of {BATCH} x {WINDOW} tokens from {r['training_tokens']} tokens of Python's standard library (last loss "
+          f"{r['final_loss']:.2f})")
     print(f"held out: {r['held_out_tokens']} tokens; f32 perplexity {r['perplexity']:.1f} over the second halves of "
           f"{r['windows']} windows of {r['window']} tokens\n")
     print(f"{'weights':<14} {'mean KL':>9} {'top-1':>7} {'max logit error':>16}   against the f32 conversion")
