@@ -45,7 +45,7 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
         assert set(q["over_bf16"]) == {"1", "2"} and set(q["over_bf16"]["1"]) == {"prefill", "decode"}
         assert set(q["accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
         assert 0 <= q["accuracy"]["top1"] <= 1 and q["accuracy"]["mean_kl"] >= 0
-    assert printed["q8"]["llama_cpp_q8_0"] is None
+    assert printed["q8"]["llama_cpp"] is None and printed["q4"]["llama_cpp"] is None
     assert set(printed["bf16_accuracy"]) == {"prompts", "tokens", "mean_kl", "top1", "max_logit_error"}
     assert set(printed["machine"]["median_read_bandwidth_bytes_s"]) == {"1", "2"}
     assert set(printed["transformers"]["1"]["ours_over"]) == {"f32", "bf16"}
@@ -53,7 +53,7 @@ def test_the_quick_benchmark_reports_every_field(capsys, monkeypatch):
     bench.print_table(results)
     table = capsys.readouterr().out
     for line in ("read bandwidth", "FMA peak", "with bf16 activations", "decode b16", "decode from position 40",
-                 "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "llama.cpp q8_0: not found",
+                 "transformers (tokens/s)", "llama.cpp: not found", "convert/cp", "x bf16, ", "llama.cpp q8_0: not found", "llama.cpp Q4_K: not found",
                  "q8 against the f32 model", "q4 weights at tp 1", "q4 against the f32 model", "x bf16's)",
                  "bf16 weights against the f32 weights they were rounded from", "the median of each round's ratio",
                  "MPI: not installed" if bench.mpiexec() is None else "MPI (mpiexec -n 2"):

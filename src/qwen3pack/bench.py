@@ -26,7 +26,8 @@ activations="bf16")):
   otherwise "MPI: not installed".
 - q8 and q4 weights (tp 1, 1 and 2 threads; q4 as `--dtype q4` converts, its embedding in q8):
   the same figures, each measured right after bf16 at the same threads in every round, as ratios
-  over bf16, and q8 beside llama.cpp's q8_0 GGUF of the same weights (with LLAMA_BENCH); and their
+  over bf16, each beside llama.cpp's file of its layout and the same weights (with LLAMA_BENCH:
+  q8_0, and Q4_K made by the llama-quantize beside llama-bench; llama_cpp_quantized); and their
   accuracy against the f32 model on the same checkpoint and prompts
   (the bf16 conversion: the runtime computes in f32 and holds the bf16 weights exactly): mean KL
   divergence of the next-token distributions, top-1 agreement, largest logit error. The random
@@ -61,6 +62,7 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
               "head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps")
 RUNS = [(1, 1, "f32"), (1, 2, "f32"), (2, 2, "f32"), (1, 1, "bf16"), (1, 2, "bf16")]  # (tp, threads, activations)
 QUANTIZED = ("q8", "q4")  # at tp 1
+LLAMA_CPP_TYPES = {"q8": "q8_0", "q4": "Q4_K"}  # llama.cpp's files of our layouts (llama_cpp_quantized)
 QUANTIZED_THREADS = (1, 2)
 BATCHES = (1, 4, 16)
 LONG_CONTEXT_THREADS = 2  # at tp 1
@@ -278,6 +280,23 @@ def llama_cpp_gguf(source, work, outtype="bf16"):
     return gguf
 
 
+def llama_cpp_quantized(dtype, source, gguf, work):
+    """llama.cpp's file of our `dtype`'s layout, or None without llama.cpp: for q8 its converter's
+    q8_0; for q4 every matrix in Q4_K with the embedding (and an untied head) in q8_0, as our q4
+    converts, made from the bf16 GGUF by the llama-quantize beside LLAMA_BENCH."""
+    if gguf is None:
+        return None
+    if dtype == "q8":
+        return llama_cpp_gguf(source, work, "q8_0")
+    quantize = Path(os.environ["LLAMA_BENCH"]).with_name("llama-quantize")
+    if not quantize.is_file():
+        return None
+    out = work / "model-q4_k.gguf"
+    subprocess.run([str(quantize), "--pure", "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0",
+                    str(gguf), str(out), "Q4_K_S"], check=True, capture_output=True)  # --pure: Q4_K everywhere else
+    return out
+
+
 # convert_hf_to_gguf.py, run with one change: a tokenizer whose pre-tokenizer it does not know (the
 # test tokenizers of make_checkpoint) is written as Qwen2's instead of refused. The GGUF's
 # tokenizer plays no part in llama-bench's speed, which feeds it token ids.
@@ -383,7 +402,7 @@ def run(args):
             convert(source, quantized_dirs[dtype], tp=1, dtype=dtype)
         bf16_accuracy = None if args.checkpoint else bf16_rounding_accuracy(work, drawn, converted[1], p, args)
         gguf = llama_cpp_gguf(source, work)
-        gguf_q8 = gguf and llama_cpp_gguf(source, work, "q8_0")
+        gguf_quantized = {dtype: llama_cpp_quantized(dtype, source, gguf, work) for dtype in QUANTIZED}
 
         isa = _core.supported_isas()[-1] if not os.environ.get("QWEN3PACK_ISA") else os.environ["QWEN3PACK_ISA"]
         threads_used = sorted({t for _, t, _ in RUNS})
@@ -391,7 +410,7 @@ def run(args):
                 for act in ("f32", "bf16")}
         samples = {run: [] for run in RUNS}
         quantized_samples = {dtype: {t: [] for t in QUANTIZED_THREADS} for dtype in QUANTIZED}
-        llama_q8_samples = {t: [] for t in QUANTIZED_THREADS}
+        llama_quantized_samples = {dtype: {t: [] for t in QUANTIZED_THREADS} for dtype in QUANTIZED}
         long_context = {kv: [] for kv in KV_DTYPES}
         baselines = {name: {t: [] for t in threads_used} for name in ("transformers", "llama.cpp")}
         bandwidth = {t: [] for t in threads_used}
@@ -407,8 +426,9 @@ def run(args):
                     for dtype in QUANTIZED:
                         quantized_samples[dtype][threads].append(
                             bench_runtime(quantized_dirs[dtype], threads, p, rng, args.kv_dtype))
-                        if dtype == "q8" and gguf_q8:
-                            llama_q8_samples[threads].append(bench_llama_cpp(gguf_q8, threads, p))
+                        if gguf_quantized[dtype]:
+                            llama_quantized_samples[dtype][threads].append(
+                                bench_llama_cpp(gguf_quantized[dtype], threads, p))
             for kv in KV_DTYPES:
                 long_context[kv].append(bench_long_context(converted, p, rng, kv))
             for t in threads_used:
@@ -427,10 +447,11 @@ def run(args):
         quantized = {dtype: summarize_quantized(dtype, quantized_dirs[dtype], quantized_samples[dtype], samples,
                                                 converted[1], p, bandwidth, flops_per_token, peak, args)
                      for dtype in QUANTIZED}
-        llama_q8 = {t: {**{k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")},
-                        "ours_over": ours_over(quantized_samples["q8"][t], got)}
-                    for t, got in llama_q8_samples.items() if got}
-        quantized["q8"]["llama_cpp_q8_0"] = llama_q8 or None
+        for dtype, by_threads in llama_quantized_samples.items():
+            quantized[dtype]["llama_cpp"] = {
+                t: {**{k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")},
+                    "ours_over": ours_over(quantized_samples[dtype][t], got)}
+                for t, got in by_threads.items() if got} or None
         baseline_results = {}
         for name, by_threads in baselines.items():
             results = {}
@@ -553,8 +574,7 @@ def print_table(r):
             print(f"  {x['threads']} thread(s): prefill {x['prefill_tok_s']:.1f} ({ratios['prefill']:.2f}x bf16), "
                   f"decode b1 {x['decode_tok_s'][1]:.1f} ({ratios['decode']:.2f}x bf16, {x['decode_of_roofline']:.0%} of BW), "
                   f"b16 {x['decode_tok_s'][16]:.1f}")
-        if dtype == "q8":
-            print_llama_q8_0(q)
+        print_llama_quantized(dtype, q)
         a = q["accuracy"]
         print(f"{dtype} against the f32 model, {a['prompts']} prompts of {a['tokens']} tokens: mean KL {a['mean_kl']:.2e}"
               + (f" ({a['mean_kl'] / r['bf16_accuracy']['mean_kl']:.0f}x bf16's)" if r["bf16_accuracy"] else "")
@@ -566,11 +586,12 @@ def print_table(r):
           f"{c['cpu_s']['convert_q4']:.2f}, cp + sync {c['cpu_s']['cp_sync']:.2f}; validate {c['validate_gb_s']:.2f} GB/s")
 
 
-def print_llama_q8_0(q8):
-    if not q8["llama_cpp_q8_0"]:
-        print("  llama.cpp q8_0: not found")
-    for t, theirs in (q8["llama_cpp_q8_0"] or {}).items():
-        print(f"  llama.cpp q8_0, {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours "
+def print_llama_quantized(dtype, q):
+    name = f"llama.cpp {LLAMA_CPP_TYPES[dtype]}"
+    if not q["llama_cpp"]:
+        print(f"  {name}: not found")
+    for t, theirs in (q["llama_cpp"] or {}).items():
+        print(f"  {name}, {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours "
               f"{theirs['ours_over']['prefill']:.2f}x), decode {theirs['decode_tok_s']:.1f} "
               f"(ours {theirs['ours_over']['decode']:.2f}x), medians of each round's ratio")
 
