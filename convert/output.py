@@ -32,13 +32,15 @@ def commit_atomically(output, force, sources, fill):
     output = real_parent(output)
     replaced = check_output(output, sources, force)
     with conversion_signals() as signals:
-        staging = _make_staging(output, signals)
+        made = []  # the staging directory, recorded the moment it exists: a signal may come right after
         try:
-            fill(staging)
+            fill(_make_staging(output, signals, made))
         except BaseException:
             with signals.held():
-                shutil.rmtree(staging, ignore_errors=True)
+                for staging in made:
+                    shutil.rmtree(staging, ignore_errors=True)
             raise
+        [staging] = made
         with signals.held() as held:
             _put_in_place(staging, output, replaced, sources)
             signals.output_complete = True
@@ -129,16 +131,17 @@ def _is_qwen3pack_output(directory):
     return isinstance(manifest, dict) and manifest.get("format") == "qwen3pack"
 
 
-def _make_staging(output, signals):
-    """A new, uniquely named, hidden directory beside `output`. A signal while it is made is
-    raised once it exists, after removing it."""
+def _make_staging(output, signals, made):
+    """A new, uniquely named, hidden directory beside `output`, appended to `made` before any
+    signal can be raised (the caller removes what `made` holds). A signal while it is made is
+    raised once it is recorded."""
     with signals.held() as held:
         try:
             staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
         except OSError as error:
             raise ConversionError(f"{output}: cannot write in {output.parent}: {error.strerror}") from None
+        made.append(staging)
     if held.signum is not None:
-        os.rmdir(staging)
         raise Interrupted(held.signum)
     return staging
 

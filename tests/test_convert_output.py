@@ -262,6 +262,29 @@ def test_an_interrupt_while_the_replaced_output_is_deleted_waits_and_says_output
     assert hidden_leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "replacing"])
+def test_a_signal_just_after_the_staging_directory_is_made_leaves_nothing_behind(source, tmp_path, monkeypatch,
+                                                                                   interruptible, existing):
+    # The window the end-to-end test below hits now and then on a busy machine: the signal is
+    # handled at the first step after the directory exists and signals are no longer held.
+    if existing:
+        convert(source, tmp_path / "out", tp=2)
+    before = contents(tmp_path / "out") if existing else None
+    make_staging = output._make_staging
+
+    def signalled_right_after(*args):
+        staging = make_staging(*args)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before this function returns
+        return staging
+
+    monkeypatch.setattr(output, "_make_staging", signalled_right_after)
+    with pytest.raises(Interrupted) as raised:
+        convert(source, tmp_path / "out", tp=1, force=True)
+    assert not raised.value.output_complete and raised.value.exit_status == 143
+    assert hidden_leftovers(tmp_path) == []
+    assert (contents(tmp_path / "out") == before) if existing else not (tmp_path / "out").exists()
+
+
 def test_sigterm_is_handled_only_while_converting(source, tmp_path, interruptible):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     convert(source, tmp_path / "out")
