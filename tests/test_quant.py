@@ -12,7 +12,7 @@ from qwen3pack.cli import main
 from qwen3pack.convert import ConversionError, SourceError, convert, reshard
 from qwen3pack.formats import FormatError, LayoutError
 from qwen3pack.formats.dtypes import DtypeOverflow, Q8_BLOCK_DTYPE, dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
-from qwen3pack.testing import logit_agreement, make_checkpoint
+from qwen3pack.testing import logit_agreement, make_checkpoint, runtime_logits, transformers_logits
 
 ISAS = _core.supported_isas()
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
@@ -355,22 +355,14 @@ def accuracy_models(tmp_path_factory):
     return source, root
 
 
-def all_logits(directory, prompts):
-    with runtime.load(directory, threads=2) as m:
-        return np.concatenate([m.logits(p) for p in prompts])
-
-
 def test_q8_logits_keep_to_the_measured_distance_from_transformers(accuracy_models):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     source, root = accuracy_models
     prompts = [np.random.default_rng(seed).integers(0, 1024, 64).tolist() for seed in range(8)]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-    with torch.no_grad():
-        reference = np.concatenate([hf(torch.tensor([p])).logits[0].numpy() for p in prompts])
-    assert logit_agreement(reference, all_logits(root / "f32", prompts))["max_logit_error"] < 1e-3
-    q8 = logit_agreement(reference, all_logits(root / "q8", prompts))
+    reference = transformers_logits(source, prompts)
+    assert logit_agreement(reference, runtime_logits(root / "f32", prompts))["max_logit_error"] < 1e-3
+    q8 = logit_agreement(reference, runtime_logits(root / "q8", prompts))
     assert q8["mean_kl"] <= Q8_MAX_MEAN_KL and q8["top1"] >= Q8_MIN_TOP1, q8
 
 
@@ -385,5 +377,5 @@ def test_q8_logits_are_those_of_its_dequantized_weights_but_for_the_activations_
     save_file(tensors, tmp_path / "hf" / "model.safetensors")
     convert(tmp_path / "hf", tmp_path / "dequantized", dtype="f32")
     prompts = [np.random.default_rng(seed).integers(0, 1024, 64).tolist() for seed in range(4)]
-    got = logit_agreement(all_logits(tmp_path / "dequantized", prompts), all_logits(root / "q8", prompts))
+    got = logit_agreement(runtime_logits(tmp_path / "dequantized", prompts), runtime_logits(root / "q8", prompts))
     assert got["mean_kl"] <= 0.005 and got["top1"] >= 0.9, got

@@ -9,7 +9,7 @@ import pytest
 from qwen3pack import _core, formats, runtime
 from qwen3pack.convert import ConversionError, convert, reshard
 from qwen3pack.formats.dtypes import Q4_BLOCK_DTYPE, DtypeOverflow, dequantize_q4, quantize_q4
-from qwen3pack.testing import logit_agreement, make_checkpoint
+from qwen3pack.testing import logit_agreement, make_checkpoint, runtime_logits, transformers_logits
 
 ISAS = _core.supported_isas()
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
@@ -241,21 +241,13 @@ def accuracy_models(tmp_path_factory):
     return source, root
 
 
-def all_logits(directory, prompts):
-    with runtime.load(directory, threads=2) as m:
-        return np.concatenate([m.logits(p) for p in prompts])
-
-
 def test_q4_logits_keep_to_the_measured_distance_from_transformers(accuracy_models):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     source, root = accuracy_models
     prompts = [np.random.default_rng(seed).integers(0, 1024, 64).tolist() for seed in range(8)]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-    with torch.no_grad():
-        reference = np.concatenate([hf(torch.tensor([p])).logits[0].numpy() for p in prompts])
-    q4 = logit_agreement(reference, all_logits(root / "q4", prompts))
+    reference = transformers_logits(source, prompts)
+    q4 = logit_agreement(reference, runtime_logits(root / "q4", prompts))
     assert q4["mean_kl"] <= Q4_MAX_MEAN_KL and q4["top1"] >= Q4_MIN_TOP1, q4
 
 
@@ -276,5 +268,5 @@ def test_q4_logits_are_those_of_its_dequantized_weights_but_for_the_activations_
     convert(tmp_path / "hf", tmp_path / "dequantized", dtype="f32")
     convert(tmp_path / "hf", tmp_path / "q4", dtype="q4", keep=f"embed={embed}")
     prompts = [np.random.default_rng(seed).integers(0, 1024, 64).tolist() for seed in range(4)]
-    got = logit_agreement(all_logits(tmp_path / "dequantized", prompts), all_logits(tmp_path / "q4", prompts))
+    got = logit_agreement(runtime_logits(tmp_path / "dequantized", prompts), runtime_logits(tmp_path / "q4", prompts))
     assert got["mean_kl"] <= 0.004 and got["top1"] >= 0.97, got

@@ -55,7 +55,7 @@ import numpy as np
 from . import formats
 from .convert import convert
 from .formats import validate
-from .testing import logit_agreement, make_checkpoint
+from .testing import logit_agreement, make_checkpoint, runtime_logits
 
 SIZES = {"0.6b": "Qwen3-0.6B.json", "1.7b": "Qwen3-1.7B.json"}
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -124,16 +124,11 @@ def bench_runtime(directory, threads, p, rng, kv_dtype="f32", activations="f32")
 
 def accuracy(reference, quantized, p):
     """logit_agreement of `quantized` with `reference` over every position of random prompts."""
-    from . import load
     vocab = formats.open(reference).model["vocab_size"]
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, vocab, p["accuracy_tokens"]).tolist() for _ in range(p["accuracy_prompts"])]
-
-    def logits(directory):
-        with load(directory, threads=os.cpu_count() or 1, max_context=p["accuracy_tokens"]) as model:
-            return np.concatenate([model.logits(prompt) for prompt in prompts])
-
-    return dict(prompts=len(prompts), tokens=p["accuracy_tokens"], **logit_agreement(logits(reference), logits(quantized)))
+    return dict(prompts=len(prompts), tokens=p["accuracy_tokens"],
+                **logit_agreement(runtime_logits(reference, prompts), runtime_logits(quantized, prompts)))
 
 
 def summarize(tp, threads, activations, got, weight_bytes, bandwidth, flops_per_token, peak):

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import load
 from .convert import convert
-from .testing import logit_agreement
+from .testing import logit_agreement, runtime_logits
 
 WINDOW = 256
 BATCH = 16
@@ -104,8 +103,8 @@ def train(ids, p, steps, directory):
 
 def logits_of(directory, windows):
     """The logits of the second half of each window (the first half is context)."""
-    with load(directory, threads=os.cpu_count() or 1, max_context=WINDOW) as model:
-        return np.concatenate([model.logits(w)[WINDOW // 2:] for w in windows])
+    logits = runtime_logits(directory, windows)
+    return logits.reshape(len(windows), WINDOW, -1)[:, WINDOW // 2:].reshape(-1, logits.shape[-1])
 
 
 def perplexity(logits, windows):

@@ -1,5 +1,7 @@
-"""Small random Hugging Face Qwen3 checkpoints, for tests and the demo (numpy only)."""
+"""Small random Hugging Face Qwen3 checkpoints, for tests, the demo and the bench (numpy only), and
+the logits to compare their conversions by (transformers_logits needs torch and transformers)."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +289,21 @@ def logit_agreement(reference, logits):
     kl = (np.exp(p) * (p - q)).sum(axis=-1)
     return dict(mean_kl=float(kl.mean()), top1=float((reference.argmax(-1) == logits.argmax(-1)).mean()),
                 max_logit_error=float(np.abs(reference - logits).max()))
+
+
+def runtime_logits(directory, prompts):
+    """The runtime's logits of every position of each prompt, concatenated [positions, vocab]: the
+    converted model in `directory`, on all the CPUs (the bits do not depend on the thread count)."""
+    from .runtime import load
+    with load(directory, threads=os.cpu_count() or 1, max_context=max(map(len, prompts))) as model:
+        return np.concatenate([model.logits(prompt) for prompt in prompts])
+
+
+def transformers_logits(source, prompts):
+    """transformers' float32 logits (eager attention) of every position of each prompt, concatenated
+    [positions, vocab]: the reference for the checkpoint in `source`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.tensor([prompt])).logits[0].numpy() for prompt in prompts])
