@@ -1,7 +1,6 @@
 """Rank files in 2 MB pages: the converter hands the kernel whole aligned 2 MB blocks, so that the
 page cache holds a file just converted in 2 MB folios, and the runtime asks for huge pages on its
 mapping, so that a file read back from disk is read in 2 MB folios (README, "Performance")."""
-import mmap
 import os
 from pathlib import Path
 
@@ -10,25 +9,9 @@ import pytest
 import qwen3pack
 from qwen3pack.convert import convert
 from qwen3pack.formats.rankfile import WRITE_BLOCK
+from qwen3pack.testing import mappings_of, share_in_2mb_folios
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def mappings_of(path):
-    """{field: value} of each of this process's mappings of `path`, from /proc/self/smaps
-    (sizes in kB; "VmFlags" as the list of its flags)."""
-    found, current = [], None
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):
-                current = {} if fields[-1] == str(path) else None
-                if current is not None:
-                    found.append(current)
-            elif current is not None:
-                key = fields[0].rstrip(":")
-                current[key] = fields[1:] if key == "VmFlags" else int(fields[1])
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +49,8 @@ def test_a_model_loaded_right_after_conversion_maps_its_weights_in_2mb_pages(sou
     # (Linux 6.x: ext4, xfs, btrfs, tmpfs with huge pages) is seen on a file of our own first.
     probe = tmp_path / "probe"
     probe.write_bytes(os.urandom(2 * WRITE_BLOCK))
-    with open(probe, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-        sum(m[i] for i in range(0, len(m), 4096))
-        if sum(x.get("FilePmdMapped", 0) for x in mappings_of(probe)) == 0:
-            pytest.skip("this filesystem keeps written files in small folios")
+    if share_in_2mb_folios(probe) == 0:
+        pytest.skip("this filesystem keeps written files in small folios")
 
     convert(source, tmp_path / "out", tp=1)
     model = qwen3pack.load(tmp_path / "out", max_context=16)

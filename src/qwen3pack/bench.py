@@ -18,6 +18,10 @@ activations="bf16")):
 - llama.cpp's llama-bench on the same weights when LLAMA_BENCH names it (the GGUF made by the
   convert_hf_to_gguf.py of LLAMA_CPP_DIR), run right after ours at the same threads; otherwise
   "llama.cpp: not found". A ratio to a baseline is the median of each round's ratio;
+- decode alone at batch 1, ours and llama-bench alternated 4 more times a round at each thread
+  count (the figure the machine's bandwidth moves most), with llama.cpp's files rewritten in 2 MB
+  blocks first so that the page cache holds them in 2 MB folios as it holds ours; each file's
+  share in 2 MB folios is printed;
 - conversion (bf16, and q4) against `cp` + `sync` of the same bytes, in wall and CPU time, and
   checksum validation;
 - with the qwen3pack[mpi] extra, tp 2 as `mpiexec -n 2` processes of one thread each: decode
@@ -55,7 +59,8 @@ import numpy as np
 from . import formats
 from .convert import convert
 from .formats import validate
-from .testing import logit_agreement, make_checkpoint, runtime_logits
+from .formats.rankfile import WRITE_BLOCK
+from .testing import logit_agreement, make_checkpoint, runtime_logits, share_in_2mb_folios
 
 SIZES = {"0.6b": "Qwen3-0.6B.json", "1.7b": "Qwen3-1.7B.json"}
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -73,9 +78,9 @@ def plan(quick):
     """Sizes of the measurements: the issue's, or tiny ones for --quick."""
     if quick:
         return dict(prompt=16, prefill=24, decode=4, long_context=40, long_decode=4, bandwidth_bytes=1 << 24,
-                    fma_seconds=0.01, accuracy_prompts=2, accuracy_tokens=8)
+                    fma_seconds=0.01, accuracy_prompts=2, accuracy_tokens=8, alternations=1)
     return dict(prompt=16, prefill=512, decode=128, long_context=2000, long_decode=32, bandwidth_bytes=1 << 30,
-                fma_seconds=0.2, accuracy_prompts=8, accuracy_tokens=64)
+                fma_seconds=0.2, accuracy_prompts=8, accuracy_tokens=64, alternations=4)
 
 
 def model_shape(size, configs_dir, quick):
@@ -312,14 +317,50 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def bench_llama_cpp(gguf, threads, p):
-    """(prefill tokens/s, decode tokens/s) of llama-bench on `gguf`."""
-    done = subprocess.run([os.environ["LLAMA_BENCH"], "-m", str(gguf), "-p", str(p["prefill"]), "-n", str(p["decode"]),
+def llama_bench(gguf, threads, prompt, steps):
+    """llama-bench's tokens/s on `gguf`: {"prefill": of a `prompt`-token prompt, "decode": over
+    `steps` tokens}, each measured alone (0 leaves it out)."""
+    done = subprocess.run([os.environ["LLAMA_BENCH"], "-m", str(gguf), "-p", str(prompt), "-n", str(steps),
                            "-t", str(threads), "-r", "1", "-o", "json"], check=True, capture_output=True, text=True)
     rows = json.loads(done.stdout)
-    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
-    decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-    return dict(prefill_tok_s=prefill, decode_tok_s=decode)
+    return {"prefill" if r["n_gen"] == 0 else "decode": r["avg_ts"] for r in rows}
+
+
+def bench_llama_cpp(gguf, threads, p):
+    """(prefill tokens/s, decode tokens/s) of llama-bench on `gguf`."""
+    got = llama_bench(gguf, threads, p["prefill"], p["decode"])
+    return dict(prefill_tok_s=got["prefill"], decode_tok_s=got["decode"])
+
+
+def decode_alternations(directory, gguf, threads, p, rng):
+    """[(ours, llama.cpp's)] decode tokens/s at batch 1 over p["decode"] tokens, p["alternations"]
+    times one right after the other: of all the figures, decode at two threads is the one this
+    machine's read bandwidth moves most (README, Performance), so it gets more pairs than a round."""
+    from . import load
+    vocab = formats.open(directory).model["vocab_size"]
+    pairs = []
+    for _ in range(p["alternations"]):
+        ids = rng.integers(0, vocab, p["prompt"] + p["decode"]).tolist()
+        with load(directory, threads=threads, max_context=len(ids)) as model:
+            ours = session_decode_tok_s(model, ids[:p["prompt"]], ids[p["prompt"]:])
+        pairs.append((ours, llama_bench(gguf, threads, 0, p["decode"])["decode"]))
+    return pairs
+
+
+def rewrite_in_2mb_blocks(path):
+    """Writes the file `path` again in whole 2 MB blocks, as the converter writes rank files, so
+    that the page cache holds llama.cpp's files in 2 MB folios as it holds ours: its converter and
+    llama-quantize write smaller pieces (39-65% of their files came out in 2 MB folios), and a file
+    in small folios costs TLB misses (up to 17% of our q4 decode), which no kernel should be judged by."""
+    staged = path.with_name(path.name + ".2mb")
+    with open(path, "rb") as source, open(staged, "wb") as copy:
+        offset = 0
+        while block := source.read(WRITE_BLOCK):
+            if os.pwrite(copy.fileno(), block, offset) != len(block):
+                raise OSError(f"{staged}: short write (disk full?)")
+            offset += len(block)
+    staged.replace(path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------
@@ -398,6 +439,10 @@ def run(args):
         bf16_accuracy = None if args.checkpoint else bf16_rounding_accuracy(work, drawn, converted[1], p, args)
         gguf = llama_cpp_gguf(source, work)
         gguf_quantized = {dtype: llama_cpp_quantized(dtype, source, gguf, work) for dtype in QUANTIZED}
+        llama_files = {"bf16": gguf, **{LLAMA_CPP_TYPES[dtype]: f for dtype, f in gguf_quantized.items()}}
+        for f in llama_files.values():
+            if f:
+                rewrite_in_2mb_blocks(f)
 
         isa = _core.supported_isas()[-1] if not os.environ.get("QWEN3PACK_ISA") else os.environ["QWEN3PACK_ISA"]
         threads_used = sorted({t for _, t, _ in RUNS})
@@ -409,6 +454,7 @@ def run(args):
         long_context = {kv: [] for kv in KV_DTYPES}
         baselines = {name: {t: [] for t in threads_used} for name in ("transformers", "llama.cpp")}
         bandwidth = {t: [] for t in threads_used}
+        alternations = {t: [] for t in threads_used}
         over_mpi, all_reduce_threads = [], []
         for repeat in range(args.repeats):
             log(args, f"round {repeat + 1} of {args.repeats} ...")
@@ -424,6 +470,9 @@ def run(args):
                         if gguf_quantized[dtype]:
                             llama_quantized_samples[dtype][threads].append(
                                 bench_llama_cpp(gguf_quantized[dtype], threads, p))
+            for t in threads_used:
+                if gguf:
+                    alternations[t] += decode_alternations(converted[1], gguf, t, p, rng)
             for kv in KV_DTYPES:
                 long_context[kv].append(bench_long_context(converted, p, rng, kv))
             for t in threads_used:
@@ -456,6 +505,15 @@ def run(args):
                     results[t] = {**{k: median([g[k] for g in got]) for k in ("prefill_tok_s", "decode_tok_s")},
                                   "ours_over": {act: ours_over(samples[(1, t, act)], by_round) for act in ("f32", "bf16")}}
             baseline_results[name] = results or None
+        for t, results in (baseline_results["llama.cpp"] or {}).items():
+            ratios = [ours / theirs for ours, theirs in alternations[t]]
+            results["decode_alone"] = dict(alternations=len(ratios), ours_over=median(ratios), low=min(ratios),
+                                           high=max(ratios), ours_tok_s=median([o for o, _ in alternations[t]]),
+                                           decode_tok_s=median([theirs for _, theirs in alternations[t]]))
+        ours_files = {"bf16": next(converted[1].glob("*.q3p")),
+                      **{dtype: next(d.glob("*.q3p")) for dtype, d in quantized_dirs.items()}}
+        page_cache = dict(ours={k: share_in_2mb_folios(f) for k, f in ours_files.items()},
+                          llama_cpp={k: share_in_2mb_folios(f) for k, f in llama_files.items() if f} or None)
         mpi = None
         if over_mpi[0] is not None:
             threads_run = next(x for x in runs if x["tp"] == MPI_PROCESSES and x["threads"] == MPI_PROCESSES)
@@ -471,7 +529,8 @@ def run(args):
             sizes=p, repeats=args.repeats, kv_dtype=args.kv_dtype, runs=runs, **quantized,
             long_context=dict(position=p["long_context"], tp=1, threads=LONG_CONTEXT_THREADS,
                               decode_tok_s={kv: median(v) for kv, v in long_context.items()}),
-            bf16_accuracy=bf16_accuracy, conversion=conversion, mpi=mpi, **baseline_results)
+            bf16_accuracy=bf16_accuracy, conversion=conversion, mpi=mpi, page_cache_in_2mb_folios=page_cache,
+            **baseline_results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -543,6 +602,12 @@ def print_table(r):
             decode = "; ".join(f"{theirs['ours_over'][act]['decode']:.2f}x" for act in ("f32", "bf16"))
             print(f"  {t} thread(s): prefill {theirs['prefill_tok_s']:.1f} (ours {prefill}), "
                   f"decode {theirs['decode_tok_s']:.1f} (ours {decode})")
+        for t, theirs in r[name].items():
+            if "decode_alone" in theirs:
+                a = theirs["decode_alone"]
+                print(f"  {t} thread(s), decode alone in {a['alternations']} alternations (f32 activations): ours "
+                      f"{a['ours_tok_s']:.1f}, llama.cpp {a['decode_tok_s']:.1f}; ours over it {a['ours_over']:.2f}x "
+                      f"(median; {a['low']:.2f}-{a['high']:.2f})")
     mpi = r["mpi"]
     if mpi is None:
         print("\nMPI: not installed (pip install 'qwen3pack[mpi]'; make test installs it)")
@@ -574,6 +639,11 @@ def print_table(r):
         print(f"{dtype} against the f32 model, {a['prompts']} prompts of {a['tokens']} tokens: mean KL {a['mean_kl']:.2e}"
               + (f" ({a['mean_kl'] / r['bf16_accuracy']['mean_kl']:.0f}x bf16's)" if r["bf16_accuracy"] else "")
               + f", top-1 agreement {a['top1']:.1%}, largest logit error {a['max_logit_error']:.3f}")
+    shares = r["page_cache_in_2mb_folios"]
+    print("\npage cache in 2 MB folios, after the rounds: ours "
+          + ", ".join(f"{k} {v:.0%}" for k, v in shares["ours"].items())
+          + ("; llama.cpp's files (rewritten in 2 MB blocks) "
+             + ", ".join(f"{k} {v:.0%}" for k, v in shares["llama_cpp"].items()) if shares["llama_cpp"] else ""))
     c = r["conversion"]
     print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s (q4 {c['q4_convert_s']:.2f} s); "
           f"cp + sync {c['cp_sync_s']:.2f} s; convert/cp {c['convert_over_cp']:.2f} (target <= 1.5), q4 "

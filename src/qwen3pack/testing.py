@@ -307,3 +307,35 @@ def transformers_logits(source, prompts):
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         return np.concatenate([model(torch.tensor([prompt])).logits[0].numpy() for prompt in prompts])
+
+
+def mappings_of(path):
+    """{field: value} of each of this process's mappings of `path`, from /proc/self/smaps (sizes in
+    kB; "VmFlags" as the list of its flags)."""
+    found, current = [], None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                current = {} if fields[-1] == str(path) else None
+                if current is not None:
+                    found.append(current)
+            elif current is not None:
+                key = fields[0].rstrip(":")
+                current[key] = fields[1:] if key == "VmFlags" else int(fields[1])
+    return found
+
+
+def share_in_2mb_folios(path):
+    """The share of the file `path` that the page cache holds in 2 MB folios (each mapped with one
+    TLB entry), as a mapping of it shows after every page is touched (read in first where it was
+    not cached): FilePmdMapped over Rss in /proc/self/smaps; 0 where the kernel has no such pages."""
+    import mmap
+    path = Path(path).resolve()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        view = memoryview(mapped)[::mmap.PAGESIZE]  # one byte a page
+        bytes(view)
+        view.release()
+        mapping = mappings_of(path)
+        resident = sum(m.get("Rss", 0) for m in mapping)
+        return sum(m.get("FilePmdMapped", 0) for m in mapping) / resident if resident else 0.0
