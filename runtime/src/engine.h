@@ -101,12 +101,12 @@ class Engine {
 
  private:
   struct RankWork {
-    std::vector<float> x, xn, qkv, attn, proj, gate_up, act, sel, logits;
-    std::vector<float> softmax_state;  // per pool thread: the running max and sum of G query heads
-    std::vector<float> query_block;    // per pool thread: a query block's queries, outputs and softmax state
-    std::vector<BlockQ8Act> xq;  // the activations of a product on q8 weights, quantized
-    std::vector<BlockQ8K> xq4;  // and on q4 weights
-    std::vector<uint16_t> x_bf16;  // a matrix product's input rounded to bf16 (bf16_activations)
+    AlignedVector<float> x, xn, qkv, attn, proj, gate_up, act, sel, logits;
+    AlignedVector<float> softmax_state;  // per pool thread: the running max and sum of G query heads
+    AlignedVector<float> query_block;    // per pool thread: a query block's queries, outputs and softmax state
+    AlignedVector<BlockQ8Act> xq;  // the activations of a product on q8 weights, quantized
+    AlignedVector<BlockQ8K> xq4;  // and on q4 weights
+    AlignedVector<uint16_t> x_bf16;  // a matrix product's input rounded to bf16 (bf16_activations)
   };
   struct QueryBlock {  // up to kQueryBlock consecutive tokens of one sequence (attend_block)
     KVCache* cache;
