@@ -106,7 +106,8 @@ def test_the_runtime_quantizes_activations_with_the_converters_rounding():
 
 # Odd sizes (n, inputs, outputs) of each dtype: rows ending inside a block (of 32 for q8, 256 for q4).
 ODD_SIZES = {
-    "q8": [(1, 1, 1), (1, 67, 13), (3, 15, 5), (5, 17, 7), (7, 33, 9), (37, 129, 11), (33, 1023, 6), (2, 8, 16), (9, 96, 21)],
+    "q8": [(1, 1, 1), (1, 67, 13), (1, 600, 7), (3, 15, 5), (5, 17, 7), (7, 33, 9), (37, 129, 11), (33, 1023, 6), (2, 8, 16),
+           (9, 96, 21)],
     "q4": [(1, 1, 1), (1, 67, 13), (3, 255, 5), (5, 257, 7), (7, 513, 9), (37, 300, 11), (2, 1024, 6), (9, 96, 21)],
 }
 # dtype: (quantize, dequantize, values per block of the activations' scale)
@@ -141,13 +142,14 @@ def test_every_quantized_product_gives_the_bits_of_the_generic_one(isa, dtype, n
 def test_extreme_stored_values_give_the_same_bits_everywhere(isa):
     # a hostile file may hold -128, which the converter never writes, and f16 scales of any sign
     rng = np.random.default_rng(5)
-    blocks = np.zeros((6, 5), Q8_BLOCK_DTYPE)
-    blocks["q"] = rng.choice([-128, -127, 127, 0, 1], size=blocks["q"].shape)
-    blocks["d"] = rng.choice([-2.0, 0.5, 6e-8, 65504.0], size=blocks["d"].shape)
-    stored = blocks.view(np.uint8).reshape(6, -1)
-    x = rng.standard_normal((3, 150), dtype=np.float32)
-    for tokens in (x, x[:1]):  # a batch, and decode's single token (a path of its own)
-        assert np.array_equal(_core.matmul(tokens, stored, "q8", isa), _core.matmul(tokens, stored, "q8", "generic"))
+    for row_blocks in (5, 6):  # decode's single token takes blocks in pairs: an odd one left, or none
+        blocks = np.zeros((6, row_blocks), Q8_BLOCK_DTYPE)
+        blocks["q"] = rng.choice([-128, -127, 127, 0, 1], size=blocks["q"].shape)
+        blocks["d"] = rng.choice([-2.0, 0.5, 6e-8, 65504.0], size=blocks["d"].shape)
+        stored = blocks.view(np.uint8).reshape(6, -1)
+        x = rng.standard_normal((3, 32 * row_blocks - 10), dtype=np.float32)
+        for tokens in (x, x[:1]):  # a batch, and decode's single token (a path of its own)
+            assert np.array_equal(_core.matmul(tokens, stored, "q8", isa), _core.matmul(tokens, stored, "q8", "generic"))
 
 
 @pytest.mark.parametrize("isa", ISAS)
