@@ -108,13 +108,6 @@ inline void tile(const void* w, size_t in, const X* x, float* y, size_t ldy) {
 // shapes, one thread, this AVX2 kernel on the AVX-512 machine, medians of 2 interleaved processes).
 constexpr size_t kRowsAhead = 8;
 
-// Asks for the `rows` weight rows from row o into L2.
-inline void prefetch_rows(const MatmulArgs& a, size_t o, size_t rows) {
-  const size_t esize = a.dt == DType::F32 ? 4 : 2;
-  const char* first = static_cast<const char*>(a.w) + o * a.in * esize;
-  for (size_t b = 0; b < rows * a.in * esize; b += 64) _mm_prefetch(first + b, _MM_HINT_T1);
-}
-
 }  // namespace
 
 void matmul_avx2(const MatmulArgs& a, size_t o0, size_t o1) {

@@ -90,14 +90,10 @@ inline void tile(const void* w, size_t in, const X* x, float* y, size_t ldy) {
 // without.
 constexpr size_t kRowsAhead = 8;
 
-// Asks for the `rows` weight rows from row o into L2, while the current tile computes: a tile's
-// rows are read interleaved, a pattern the hardware prefetcher follows poorly (8 and 16 tokens by
-// 86016 x 1024 bf16 rows, one thread: +12%; 128 tokens and more: no change).
-inline void prefetch_rows(const MatmulArgs& a, size_t o, size_t rows) {
-  const size_t esize = a.dt == DType::F32 ? 4 : 2;
-  const char* first = static_cast<const char*>(a.w) + o * a.in * esize;
-  for (size_t b = 0; b < rows * a.in * esize; b += 64) _mm_prefetch(first + b, _MM_HINT_T1);
-}
+// The 6-row tiles of prefill ask for the next tile's rows into L2 while the current one computes
+// (prefetch_rows): a tile's rows are read interleaved, a pattern the hardware prefetcher follows
+// poorly (8 and 16 tokens by 86016 x 1024 bf16 rows, one thread: +12%; 128 tokens and more: no
+// change).
 
 }  // namespace
 
