@@ -373,7 +373,7 @@ def bench_convert(work, source, tp, repeats):
     safetensors and a copy of them in whole 2 MB blocks (dd) + `sync`: medians of wall and CPU
     seconds (the conversion runs in this process, the copies and sync as children), and the ratios.
     The converter writes whole 2 MB blocks so that the page cache holds its files in 2 MB folios
-    (formats/rankfile.py); the 2 MB copy pays for that layout as it does, where cp does not."""
+    (formats/rankfile.py); the 2 MB copy writes that layout too, where cp writes its own."""
     source_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
     copy_dir = work / "copy"
 
