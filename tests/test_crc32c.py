@@ -36,3 +36,14 @@ def test_crc32c_continues_across_chunks():
     whole = _core.crc32c(data)
     assert _core.crc32c(data[5000:], _core.crc32c(data[:5000])) == whole
     assert whole != zlib.crc32(data.tobytes())  # Castagnoli, not the zlib polynomial
+
+
+def test_crc32c_of_long_inputs_taken_in_three_lanes_matches_the_definition():
+    """Inputs of 24 KiB and more run three 8 KiB lanes at once, joined by moving each lane's CRC
+    over the bytes after it (runtime/src/crc32c.cpp): checked on either side of those sizes, from
+    a start other than 0, and at an odd alignment."""
+    data = np.random.default_rng(2).integers(0, 256, 3 * 24576 + 40, dtype=np.uint8).tobytes()
+    for start, length in ((0, 24575), (0, 24576), (3, 24577), (1, 2 * 24576 + 8), (5, 3 * 24576 + 35)):
+        chunk = data[start:start + length]
+        assert _core.crc32c(chunk) == crc32c_reference(chunk)
+    assert _core.crc32c(data[24576:], _core.crc32c(data[:24576], 7)) == crc32c_reference(data, 7)
