@@ -153,10 +153,10 @@ def _stream_tensor(source, dests, buffer, progress):
 def _check_finite(raw, source, first_row):
     """Refuses NaN and infinities: they convert, load and compute, into logits that are all NaN."""
     bits, mask = EXPONENT_MASKS[source.dtype]
-    exponents = raw.view(bits) & bits(mask)
-    if exponents.size and exponents.max() == mask:
-        row, column = np.argwhere(exponents == mask)[0]
-        position = [first_row + int(row), int(column)] if len(source.shape) == 2 else [int(column)]
+    at = _core.first_nonfinite(raw.view(bits), mask)
+    if at >= 0:
+        row, column = divmod(at, raw.shape[1])
+        position = [first_row + row, column] if len(source.shape) == 2 else [column]
         raise ConversionError(f"{source.origin}: tensor {source.name}: holds a NaN or infinite value "
                               f"(at {position}); only finite weights are converted")
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qwen3pack import _core
 from qwen3pack.convert import convert, write
 from qwen3pack.convert.source import read_safetensors_header
 from qwen3pack.testing import make_checkpoint
@@ -234,6 +235,20 @@ def test_nan_or_infinite_weights_are_refused_naming_the_file_tensor_and_position
     assert str(raised.value) == (f"model.safetensors: tensor {name}: holds a NaN or infinite value (at [70, 3]); "
                                  "only finite weights are converted")
     assert list(tmp_path.iterdir()) == [source]
+
+
+@pytest.mark.parametrize("bits, mask, largest", [(np.uint16, 0x7F80, 0x7F7F), (np.uint16, 0x7C00, 0x7BFF),
+                                                  (np.uint32, 0x7F800000, 0x7F7FFFFF)])
+def test_the_first_nan_or_infinity_is_found_wherever_it_is(bits, mask, largest):
+    # the C++ search tests blocks of 4096 values at a time, then the block with a hit value by value
+    values = np.full(3 * 4096 + 5, largest, dtype=bits)  # finite: one below the exponent of all ones
+    values[1::2] |= bits(1 << (8 * values.itemsize - 1))  # and their negatives
+    assert _core.first_nonfinite(values, mask) == -1
+    for at in (0, 4095, 4096, 2 * 4096 + 17, len(values) - 1):
+        hit = values.copy()
+        hit[at] = mask | 1  # a NaN
+        hit[-1] = mask      # an infinity after it
+        assert _core.first_nonfinite(hit, mask) == at
 
 
 def test_the_largest_finite_values_convert(tmp_path):

@@ -18,6 +18,7 @@
 #include "comm_mpi.h"
 #include "common.h"
 #include "crc32c.h"
+#include "finite.h"
 #include "engine.h"
 #include "fs_ops.h"
 #include "kernels.h"
@@ -500,6 +501,14 @@ NB_MODULE(_core, m) {
   m.doc() = "qwen3pack's C++ core";
   m.def("crc32c", &crc32c_of_buffer, nb::arg("buffer"), nb::arg("crc") = 0,
         "CRC32C (Castagnoli) of a contiguous buffer, continuing from `crc` (0 to start).");
+  m.def("first_nonfinite", [](nb::ndarray<const uint16_t, nb::c_contig, nb::device::cpu> bits, uint16_t mask) {
+          return without_gil([&] { return q3p::first_nonfinite(bits.data(), bits.size(), mask); });
+        }, "bits"_a, "exponent_mask"_a);
+  m.def("first_nonfinite", [](nb::ndarray<const uint32_t, nb::c_contig, nb::device::cpu> bits, uint32_t mask) {
+          return without_gil([&] { return q3p::first_nonfinite(bits.data(), bits.size(), mask); });
+        }, "bits"_a, "exponent_mask"_a,
+        "The flat index of the first value (bf16/f16 as uint16, f32 as uint32 bit patterns) whose exponent "
+        "bits are all ones (NaN or infinite), or -1.");
   m.def("rename_noreplace", &q3p::rename_noreplace, nb::arg("source"), nb::arg("target"),
         "renameat2(RENAME_NOREPLACE): 0, or the errno (EEXIST when `target` exists).");
   m.def("rename_exchange", &q3p::rename_exchange, nb::arg("a"), nb::arg("b"),
