@@ -105,6 +105,9 @@ class RankFileWriter:
             count = min(len(view), WRITE_BLOCK - start)
             if index in self._written_blocks:  # in the page cache already: write the piece alone
                 self._pwrite(offset, view[:count])
+            elif count == self._block_size(index) and index != self._block_index:  # whole: not gathered
+                self._pwrite(offset, view[:count])
+                self._written_blocks.add(index)
             else:
                 if index != self._block_index:
                     self._write_block()
@@ -119,11 +122,14 @@ class RankFileWriter:
         if self._block_index is None:
             return
         begin = self._block_index * WRITE_BLOCK
-        size = min(WRITE_BLOCK, self.file_size - begin)
+        size = self._block_size(self._block_index)
         self._block[self._block_filled:size] = bytes(max(0, size - self._block_filled))
         self._pwrite(begin, memoryview(self._block)[:size])
         self._written_blocks.add(self._block_index)
         self._block_index, self._block_filled = None, 0
+
+    def _block_size(self, index):
+        return min(WRITE_BLOCK, self.file_size - index * WRITE_BLOCK)
 
     def _pwrite(self, offset, view):
         while len(view):
