@@ -224,6 +224,8 @@ def write_model(plan, staging, identity):
             writers.append(RankFileWriter(staging / rank_file_name(rank, tp), rank, tp, rank_plan.header,
                                           rank_plan.data_offset, rank_plan.file_size))
         _stream_all(plan, writers)
+        for writer in writers:  # while the hashing thread may still be reading the sources
+            writer.sync_data()
         conversion_id, provenance = identity()
         rank_entries = []
         for rank, writer in enumerate(writers):

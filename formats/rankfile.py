@@ -136,6 +136,13 @@ class RankFileWriter:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
 
+    def sync_data(self):
+        """Writes the last block and waits until the data is on disk: called before `finish`, while
+        the checksums that go into the header are still being computed, so that finish's own
+        fsync has only the header's block left to write."""
+        self._write_block()
+        os.fdatasync(self._fd)
+
     def finish(self, conversion_id):
         """Writes the header (with the checksums now set in it) and the prefix; returns the
         header's CRC32C."""
