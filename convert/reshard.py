@@ -5,7 +5,8 @@ Each global (Hugging Face) tensor is gathered from the source ranks a chunk of r
 the converter reads it from a safetensors file, so the new rank files hold exactly what converting
 the checkpoint at the new size writes. Every source tensor record is read front to back, once
 (replicated copies included), and its CRC32C checked as its last byte goes by: a damaged source is
-refused, naming its file and tensor, before the output is put in place.
+refused, naming its file and tensor, before the output is put in place. q8 and q4 rows travel as
+their stored blocks, which move between ranks whole, never quantized again (_check_whole_blocks).
 """
 import hashlib
 import json
@@ -16,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import _core
-from ..formats import reader
-from ..formats.dtypes import QUANTIZED, element_size
+from ..formats import dtypes, reader
+from ..formats.dtypes import BLOCK_TYPES, QUANTIZED, tensor_bytes
 from ..formats.files import open_regular, read_into
-from ..formats.layout import make_layout
+from ..formats.layout import group_dtype, make_layout
 from ..formats.rankfile import VERSION, FormatError, crc_hex
 from ..formats.reader import MANIFEST
 from .output import commit_atomically
@@ -34,13 +35,8 @@ def reshard(directory, output, tp, force=False):
     directory = Path(directory)
     converted = reader.open(directory)
     model = converted.model
-    quantized = sorted({spec["dtype"] for spec in converted.manifest["tensors"].values()} & set(QUANTIZED))
-    if quantized:
-        # another tp moves the block boundaries of o_proj and down_proj: their values would be
-        # quantized a second time, from already rounded values
-        raise ConversionError(f"{directory}: its {', '.join(quantized)} weights cannot be resharded without "
-                              f"quantizing them twice; convert the checkpoint again with --tp {tp}")
     layout = make_layout(model, tp, converted.layout["dtype"], converted.layout.get("dtype_overrides"))
+    _check_whole_blocks(directory, model, converted.layout, layout)
     rank_paths = [rank_file.path for rank_file in converted.ranks]
     plan = Plan(directory, model, layout, converted.generation, converted.manifest["tensors"], sources={},
                 ignored=[], ranks=plan_ranks(model, layout), files=[directory / MANIFEST, *rank_paths],
@@ -55,6 +51,28 @@ def reshard(directory, output, tp, force=False):
 
     commit_atomically(output, force, [directory, *plan.files, *plan.copied_files], fill)
     return plan
+
+
+def _check_whole_blocks(directory, model, old, new):
+    """q8 and q4 blocks lie along each row's input dimension, quantized per rank slice: o_proj and
+    down_proj, split along that dimension, move between ranks in whole blocks (the same bytes as
+    quantizing the new slices) only where every rank's slice, before and after, is a whole number
+    of blocks. Elsewhere their values would be quantized twice: refused."""
+    split_columns = {("o_proj", "o_proj"): lambda layout: layout["heads_per_rank"] * model["head_dim"],
+                     ("down", "down_proj"): lambda layout: layout["intermediate_per_rank"]}
+    for (group, matrix), columns_per_rank in split_columns.items():
+        dtype = group_dtype(old, group)
+        if dtype not in QUANTIZED:
+            continue
+        block = BLOCK_TYPES[dtype][0]
+        for layout in (old, new):
+            columns = columns_per_rank(layout)
+            if columns % block:
+                raise ConversionError(
+                    f"{directory}: its {dtype} {matrix} weights cannot be resharded to tp {new['world_size']}: at "
+                    f"tp {layout['world_size']} a rank holds {columns} of their columns, not a whole number of "
+                    f"{block}-value blocks, so their values would be quantized twice; convert the checkpoint "
+                    f"again with --tp {new['world_size']}")
 
 
 def _identity(source_manifest, tp):
@@ -166,7 +184,7 @@ class GatheredTensor:
 
     @property
     def nbytes(self):
-        return int(np.prod(self.shape)) * element_size(self.dtype)
+        return tensor_bytes(self.dtype, self.shape)
 
     @contextmanager
     def row_reader(self):
@@ -197,9 +215,10 @@ class GatheredTensor:
         if part["axis"] == 1:  # every row's columns [start, end): the record's rows of the chunk
             width = source.row_bytes
             data = self._scratch(source, first_row * width, count * width).reshape(count, width)
-            size = element_size(self.dtype)
-            columns = slice(part["at"] * size, (part["at"] + part["end"] - part["start"]) * size)
-            return (slice(None), slice(part["start"] * size, part["end"] * size)), data[:, columns]
+            def at(column):  # the byte where a column starts (of a q8 or q4 row: a block, _check_whole_blocks)
+                return dtypes.row_bytes(self.dtype, column)
+            columns = slice(at(part["at"]), at(part["at"] + part["end"] - part["start"]))
+            return (slice(None), slice(at(part["start"]), at(part["end"]))), data[:, columns]
         lo, hi = max(first_row, part["start"]), min(first_row + count, part["end"])
         if part["axis"] is None:  # the whole (one-row) tensor, replicated
             lo, hi = 0, 1

@@ -76,14 +76,19 @@ def _destinations(writers):
     return out
 
 
-def _write_rows(dest, rows, first_row, dtype):
+def _write_rows(dest, rows, first_row, dtype, stored_blocks=False):
     """Writes source rows [first_row, first_row + len(rows)) where `dest` takes them; rows of a
     quantized dtype come as float32 and are quantized here, after the slice that the rank holds,
-    so that no block straddles two ranks."""
+    so that no block straddles two ranks. With `stored_blocks` they come quantized already (a
+    reshard), as bytes whose column slices lie on block boundaries (reshard._check_whole_blocks)."""
     record, part = dest.record, dest.part
     axis = part["axis"]
     if axis == 1:  # a column slice of every row: dest row i is source row i
-        block = np.ascontiguousarray(rows[:, part["start"]:part["end"]])
+        if stored_blocks:
+            columns = slice(row_bytes(dtype, part["start"]), row_bytes(dtype, part["end"]))
+        else:
+            columns = slice(part["start"], part["end"])
+        block = np.ascontiguousarray(rows[:, columns])
         dest_row = first_row
     else:          # a row slice (axis 0), or the whole tensor (replicated)
         lo = max(first_row, part["start"])
@@ -92,7 +97,7 @@ def _write_rows(dest, rows, first_row, dtype):
             return
         block = rows[lo - first_row:hi - first_row]
         dest_row = part["at"] + lo - part["start"]
-    if dtype in QUANTIZED:
+    if dtype in QUANTIZED and not stored_blocks:
         block = _quantized(block, dtype, dest)
     dest.writer.write(record["offset"] + dest_row * row_bytes(dtype, record["shape"][-1]), block)
     record["_crc"] = _core.crc32c(block, record["_crc"])
@@ -133,6 +138,12 @@ def _stream_tensor(source, dests, buffer, progress):
             count = min(rows_per_chunk, rows_total - first)
             chunk = memoryview(buffer)[:count * row_bytes]
             read_rows(first, chunk)
+            if source.dtype in QUANTIZED:  # a reshard's q8 or q4 rows: their blocks move as they are
+                blocks = np.frombuffer(chunk, dtype=np.uint8).reshape(count, -1)
+                for dest in dests:
+                    _write_rows(dest, blocks, first, source.dtype, stored_blocks=True)
+                progress.advance(count * row_bytes)
+                continue
             raw = np.frombuffer(chunk, dtype=storage_dtype(source.dtype)).reshape(count, -1)
             _check_finite(raw, source, first)
             converted = {}

@@ -212,8 +212,9 @@ def test_the_command_line_converts_to_q4_and_inspect_says_so(checkpoint, tmp_pat
     assert "tp 1, q4 weights, embed q8, lm_head q8" in result.output and "format       1.2" in result.output
 
 
-def test_a_q4_model_is_not_resharded(q4_model, tmp_path):
-    with pytest.raises(ConversionError, match="q4, q8 weights cannot be resharded without quantizing them twice"):
+def test_a_q4_model_whose_rank_slices_are_padded_blocks_is_not_resharded(q4_model, tmp_path):
+    with pytest.raises(ConversionError, match="its q4 o_proj weights cannot be resharded to tp 1: at tp 2 a rank "
+                                              "holds 48 of their columns, not a whole number of 256-value blocks"):
         reshard(q4_model, tmp_path / "out", tp=1)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import qwen3pack
 from qwen3pack import formats, validate
-from qwen3pack.convert import convert, reshard
+from qwen3pack.convert import ConversionError, convert, reshard
 from qwen3pack.formats import FormatError
 from qwen3pack.testing import make_checkpoint
 
@@ -60,6 +60,39 @@ def test_resharding_2_4_1_8_2_equals_converting_at_each_size(tmp_path, checkpoin
         assert validate(resharded).ok, validate(resharded).problems
         np.testing.assert_array_equal(logits(resharded), logits(direct))
         previous = resharded
+
+
+# q8 and q4 blocks (32 and 256 values) lie along each row's input dimension, quantized per rank
+# slice: o_proj has 512 columns (8 heads of 64) and down_proj 512, so every rank's slice is whole
+# q8 blocks up to tp 8 and whole q4 blocks up to tp 2.
+BLOCKS = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=512,
+              vocab_size=383)
+
+
+@pytest.mark.parametrize("dtype, sizes", [("q8", (4, 1, 8, 2)), ("q4", (1, 2))])
+def test_quantized_models_reshard_in_whole_blocks_to_what_converting_at_each_size_writes(
+        tmp_path, checkpoints, dtype, sizes):
+    checkpoint = checkpoints(trained_like=True, **BLOCKS)
+    convert(checkpoint, tmp_path / "direct-2", tp=2, dtype=dtype)
+    previous = tmp_path / "direct-2"
+    for tp in sizes:
+        direct, resharded = tmp_path / f"direct-{tp}", tmp_path / f"resharded-{tp}"
+        if not direct.exists():
+            convert(checkpoint, direct, tp=tp, dtype=dtype)
+        reshard(previous, resharded, tp)
+        assert tensor_records(resharded) == tensor_records(direct), f"tp {tp}"
+        assert validate(resharded).ok, validate(resharded).problems
+        previous = resharded
+
+
+def test_a_quantized_model_whose_slices_would_cut_a_block_is_refused(tmp_path, checkpoints):
+    convert(checkpoints(trained_like=True, **BLOCKS), tmp_path / "tp2", tp=2, dtype="q4")
+    with pytest.raises(ConversionError, match=(
+            r"tp2: its q4 o_proj weights cannot be resharded to tp 4: at tp 4 a rank holds 128 of their columns, "
+            r"not a whole number of 256-value blocks, so their values would be quantized twice; convert the "
+            r"checkpoint again with --tp 4$")):
+        reshard(tmp_path / "tp2", tmp_path / "tp4", 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tp2"]
 
 
 def test_the_manifest_records_the_reshard_and_keeps_the_checkpoint_files(tmp_path, checkpoints):
