@@ -31,8 +31,8 @@ after the model was loaded (the child exits cleanly, but must load its own), `Nu
 """
 from .model import (VERIFY_MODES, ClosedError, ContextLengthError, ForkedError, Model, NumericalError, Session,
                     load)
-from .text import ChatSession, Chunk, Completion, Usage
+from .text import ChatSession, Chunk, Completion, ToolCall, Usage
 from .tokenizer import Tokenizer
 
 __all__ = ["load", "Model", "Session", "ContextLengthError", "ClosedError", "ForkedError", "NumericalError",
-           "VERIFY_MODES", "Tokenizer", "ChatSession", "Chunk", "Completion", "Usage"]
+           "VERIFY_MODES", "Tokenizer", "ChatSession", "Chunk", "Completion", "ToolCall", "Usage"]

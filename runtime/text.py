@@ -7,7 +7,13 @@ before the first stop string. It is split at the <think> and </think> tags into 
 template that writes "<think>\\n" after the assistant header), otherwise in content. The newlines
 that templates put around a think block (after <think>, before </think>, after </think>) belong
 to neither part, the tags to neither; `text` keeps everything.
+
+When the chat was given tools, the content's tool calls are taken out of it: Qwen3 writes each as
+a JSON object {"name": ..., "arguments": {...}} between <tool_call> and </tool_call> (the prompt
+that its template writes for tools asks for exactly that), and each becomes a ToolCall of the
+chunk that completes it. A block that is not such an object stays in the content as written.
 """
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +22,7 @@ from .. import _core
 from . import model as _model  # its argument checks (a module: model.py imports this one)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # The sampling settings, and their values when neither the caller nor generation_config.json gives one.
 NEUTRAL_SAMPLING = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "presence_penalty": 0.0,
                     "repetition_penalty": 1.0}
@@ -33,15 +40,25 @@ class Usage:
 
 
 @dataclass
+class ToolCall:
+    """A call of one of the chat's tools that the model wrote: the function's name and its
+    arguments (a JSON object, as a dict)."""
+    name: str
+    arguments: dict
+
+
+@dataclass
 class Chunk:
-    """A piece of a stream: the new text, and that text split into reasoning and content. The last
-    chunk of a stream carries finish_reason ("stop" or "length"), usage and the generated token_ids."""
+    """A piece of a stream: the new text, and that text split into reasoning and content, and the
+    tool calls it completes. The last chunk of a stream carries finish_reason ("stop", "length",
+    or "tool_calls" when the model stopped after calling tools), usage and the generated token_ids."""
     text: str
     reasoning: str
     content: str
     finish_reason: str = None
     usage: Usage = None
     token_ids: list = None
+    tool_calls: tuple = ()
 
 
 @dataclass
@@ -52,6 +69,7 @@ class Completion:
     finish_reason: str
     usage: Usage
     token_ids: list
+    tool_calls: list
 
 
 def complete(model, prompt, *, max_tokens=None, temperature=None, top_p=None, top_k=None, min_p=None,
@@ -62,20 +80,27 @@ def complete(model, prompt, *, max_tokens=None, temperature=None, top_p=None, to
     string or a list of them; the text ends before the first one. Generation also stops at the
     model's eos ids. stream=True returns an iterator of Chunk, else a Completion. Arguments are
     checked at the call."""
-    prompt_ids = _encode_prompt(model, prompt)
-    sampling = _sampling(model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty)
-    chunks = _generate(model, model.session(), prompt, prompt_ids, 0, max_tokens, sampling, seed, stop)
-    return chunks if stream else collect(chunks)
+    return _complete(model, prompt, False, max_tokens, temperature, top_p, top_k, min_p, presence_penalty,
+                     repetition_penalty, seed, stop, stream)
 
 
 def chat(model, messages, *, tools=None, enable_thinking=None, max_tokens=None, temperature=None, top_p=None,
          top_k=None, min_p=None, presence_penalty=None, repetition_penalty=None, seed=None, stop=None, stream=False):
     """The assistant's answer to `messages` (the options as for complete): the chat template
-    rendered with tools and enable_thinking, then generation."""
+    rendered with tools and enable_thinking, then generation; with tools, the tool calls in the
+    answer's content are taken out of it into tool_calls."""
     prompt = model.render(messages, tools=tools, enable_thinking=enable_thinking)
-    return complete(model, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    min_p=min_p, presence_penalty=presence_penalty, repetition_penalty=repetition_penalty, seed=seed,
-                    stop=stop, stream=stream)
+    return _complete(model, prompt, bool(tools), max_tokens, temperature, top_p, top_k, min_p, presence_penalty,
+                     repetition_penalty, seed, stop, stream)
+
+
+def _complete(model, prompt, parse_tool_calls, max_tokens, temperature, top_p, top_k, min_p, presence_penalty,
+              repetition_penalty, seed, stop, stream):
+    prompt_ids = _encode_prompt(model, prompt)
+    sampling = _sampling(model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty)
+    chunks = _generate(model, model.session(), prompt, prompt_ids, 0, max_tokens, sampling, seed, stop,
+                       parse_tool_calls)
+    return chunks if stream else collect(chunks)
 
 
 def collect(chunks):
@@ -83,7 +108,8 @@ def collect(chunks):
     parts = list(chunks)
     last = parts[-1]
     return Completion("".join(c.text for c in parts), "".join(c.reasoning for c in parts),
-                      "".join(c.content for c in parts), last.finish_reason, last.usage, last.token_ids)
+                      "".join(c.content for c in parts), last.finish_reason, last.usage, last.token_ids,
+                      [call for c in parts for call in c.tool_calls])
 
 
 def _sampling(model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty):
@@ -121,11 +147,12 @@ def _stop_strings(stop):
     return list(stops)
 
 
-def _generate(model, session, prompt, prompt_ids, cached_tokens, max_tokens, sampling, seed, stop, on_end=None):
+def _generate(model, session, prompt, prompt_ids, cached_tokens, max_tokens, sampling, seed, stop, parse_tool_calls,
+              on_end=None):
     """Checks every argument, starts generating on `session` (which holds the first cached_tokens of
-    prompt_ids), and returns the stream of chunks. on_end(token_ids, reasoning, content) runs when
-    the stream ends, even when its reader stops early."""
-    text = _generation_text(model, prompt, prompt_ids, max_tokens, stop, cached_tokens)
+    prompt_ids), and returns the stream of chunks. on_end(GenerationText) runs when the stream
+    ends, even when its reader stops early."""
+    text = _generation_text(model, prompt, prompt_ids, max_tokens, stop, parse_tool_calls, cached_tokens)
     tokens = session.generate(prompt_ids, text.max_tokens, seed=seed, stop_token_ids=text.eos, **sampling)
     return _stream(text, tokens, on_end)
 
@@ -136,7 +163,7 @@ def _encode_prompt(model, prompt):
     return model.tokenizer.encode(prompt)
 
 
-def _generation_text(model, prompt, prompt_ids, max_tokens, stop, cached_tokens=0):
+def _generation_text(model, prompt, prompt_ids, max_tokens, stop, parse_tool_calls, cached_tokens=0):
     """The GenerationText of a generation of prompt_ids, its limits checked: the prompt, the stop
     strings, max_tokens against the context; it stops at the model's eos ids."""
     if not prompt_ids:
@@ -144,7 +171,8 @@ def _generation_text(model, prompt, prompt_ids, max_tokens, stop, cached_tokens=
     stops = _stop_strings(stop)
     max_new_tokens = _max_new_tokens(model, prompt_ids, max_tokens)
     eos = frozenset(model.generation.get("eos_token_ids") or [])
-    return GenerationText(model.tokenizer, prompt, len(prompt_ids), max_new_tokens, eos, stops, cached_tokens)
+    return GenerationText(model.tokenizer, prompt, len(prompt_ids), max_new_tokens, eos, stops, parse_tool_calls,
+                          cached_tokens)
 
 
 def _stream(text, tokens, on_end):
@@ -157,26 +185,30 @@ def _stream(text, tokens, on_end):
                 return
     finally:
         if on_end is not None:
-            on_end(text.token_ids, text.reasoning, text.content)
+            on_end(text)
 
 
 class GenerationText:
     """The text of one generation as its tokens come, one call per token: the incremental decode,
-    cut before the first stop string, split into reasoning and content. add(token) returns the chunk
-    that the token completes (None while it completes no text); the token that ends the generation
-    (an eos id, one that completes a stop string, the max_tokens-th) returns the last chunk, with
-    finish_reason, usage and token_ids. token_ids, reasoning and content are what was handed out;
-    eos and max_tokens are the limits it stops at."""
+    cut before the first stop string, split into reasoning and content, and with parse_tool_calls
+    the content's tool calls taken out. add(token) returns the chunk that the token completes (None
+    while it completes no text); the token that ends the generation (an eos id, one that completes
+    a stop string, the max_tokens-th) returns the last chunk, with finish_reason, usage and
+    token_ids. token_ids, reasoning, content and tool_calls are what was handed out; eos and
+    max_tokens are the limits it stops at."""
 
-    def __init__(self, tokenizer, prompt, prompt_tokens, max_tokens, eos, stops, cached_tokens=0):
+    def __init__(self, tokenizer, prompt, prompt_tokens, max_tokens, eos, stops, parse_tool_calls=False,
+                 cached_tokens=0):
         self._decoder = tokenizer.decoder()
         self._stops = StopStrings(list(stops))
         self._split = ReasoningSplit(prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE))
+        self._tool_calls = ToolCallSplit() if parse_tool_calls else None
         self.eos = frozenset(eos)
         self.max_tokens = max_tokens
         self._prompt_tokens, self._cached_tokens = prompt_tokens, cached_tokens
         self.token_ids = []
         self.reasoning = self.content = ""
+        self.tool_calls = []
         self.finished = False
 
     def add(self, token):
@@ -186,33 +218,47 @@ class GenerationText:
         text, stopped = self._stops.feed(self._decoder.add(token))
         if stopped or token in self.eos or len(self.token_ids) == self.max_tokens:
             return self._last(text, stopped)
-        return self._chunk(Chunk(text, *self._split.feed(text))) if text else None
+        if not text:
+            return None
+        reasoning, content = self._split.feed(text)
+        content, calls = self._take_tool_calls(content)
+        return self._chunk(Chunk(text, reasoning, content, tool_calls=tuple(calls)))
 
     def _last(self, text, stopped):
         self.finished = True
         if not stopped:
             rest, stopped = self._stops.feed(self._decoder.finish())
             text += rest if stopped else rest + self._stops.flush()
-        finish_reason = "stop" if stopped or self.token_ids[-1] in self.eos else "length"
         reasoning, content = self._split.feed(text)
         rest_reasoning, rest_content = self._split.finish()
-        return self._chunk(Chunk(text, reasoning + rest_reasoning, content + rest_content, finish_reason,
+        content, calls = self._take_tool_calls(content + rest_content, last=True)
+        finish_reason = "stop" if stopped or self.token_ids[-1] in self.eos else "length"
+        if finish_reason == "stop" and (self.tool_calls or calls):
+            finish_reason = "tool_calls"
+        return self._chunk(Chunk(text, reasoning + rest_reasoning, content, finish_reason,
                                  Usage(self._prompt_tokens, len(self.token_ids), self._cached_tokens),
-                                 list(self.token_ids)))
+                                 list(self.token_ids), tuple(calls)))
+
+    def _take_tool_calls(self, content, last=False):
+        if self._tool_calls is None:
+            return content, []
+        content, calls = self._tool_calls.feed(content)
+        return (content + self._tool_calls.finish(), calls) if last else (content, calls)
 
     def _chunk(self, chunk):
         self.reasoning += chunk.reasoning
         self.content += chunk.content
+        self.tool_calls += chunk.tool_calls
         return chunk
 
 
 def generation(model, prompt, *, max_tokens=None, temperature=None, top_p=None, top_k=None,
                min_p=None, presence_penalty=None, frequency_penalty=0.0, repetition_penalty=None, seed=None,
-               stop=None):
+               stop=None, parse_tool_calls=False):
     """A Generation of `prompt` driven step by step by its caller: complete's options, checked here,
-    and frequency_penalty."""
+    frequency_penalty, and parse_tool_calls (a chat given tools: chat's tool calls)."""
     prompt_ids = _encode_prompt(model, prompt)
-    text = _generation_text(model, prompt, prompt_ids, max_tokens, stop)
+    text = _generation_text(model, prompt, prompt_ids, max_tokens, stop, parse_tool_calls)
     frequency_penalty = _model._number(frequency_penalty, "frequency_penalty", lambda p: True, "a finite number")
     sampler = _model.make_sampler(
         model.vocab_size, seed=seed,
@@ -328,6 +374,75 @@ class ReasoningSplit:
         pieces[self._in_reasoning].append(text)
 
 
+class ToolCallSplit:
+    """Takes Qwen3's tool calls out of streamed content (see the module's docstring): a block is
+    held back until its </tool_call> comes, then parsed; text around blocks passes through. The
+    newlines right before <tool_call> and right after </tool_call> are the template's, as for think
+    tags, and belong to neither."""
+
+    def __init__(self):
+        self._held = ""         # the start of a block, or of a tag or newlines that may precede one
+        self._in_block = False
+        self._after_block = False  # the newlines after a block are dropped
+
+    def feed(self, text):
+        """(the content that is certainly outside any block, the tool calls completed)."""
+        held, content, calls = self._held + text, [], []
+        while True:
+            if self._in_block:
+                at = held.find(TOOL_CALL_CLOSE)
+                if at < 0:
+                    break
+                body, held = held[:at], held[at + len(TOOL_CALL_CLOSE):]
+                call = _tool_call(body)
+                if call is None:  # not a call: the content keeps it as written
+                    content.append(TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE)
+                else:
+                    calls.append(call)
+                self._in_block, self._after_block = False, True
+            else:
+                at = held.find(TOOL_CALL_OPEN)
+                if at < 0:
+                    break
+                content.append(self._outside(held[:at]).rstrip("\n"))
+                held, self._in_block = held[at + len(TOOL_CALL_OPEN):], True
+        if not self._in_block:  # hold back what may begin a tag, and newlines that may precede one
+            keep = _partial_match(held, TOOL_CALL_OPEN)
+            ready = self._outside(held[:len(held) - keep])
+            stripped = ready.rstrip("\n")
+            content.append(stripped)
+            held = ready[len(stripped):] + held[len(held) - keep:]
+        self._held = held
+        return "".join(content), calls
+
+    def finish(self):
+        """At the end: the held text, an unfinished block included, as content."""
+        held = (TOOL_CALL_OPEN if self._in_block else "") + self._held
+        self._held, self._in_block = "", False
+        return held
+
+    def _outside(self, text):
+        if self._after_block:
+            text = text.lstrip("\n")
+            self._after_block = not text
+        return text
+
+
+def _tool_call(body):
+    """The ToolCall that a block's text is, or None: a JSON object with a string "name" and an
+    object "arguments" (or a string holding one, or none: no arguments)."""
+    try:
+        call = json.loads(body)
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = json.loads(arguments)
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
+        return None
+    return ToolCall(call["name"], arguments)
+
+
 class ChatSession:
     """A conversation that keeps the KV cache of its tokens: each turn renders the whole
     conversation, reuses the cache for the longest common token prefix with what the cache holds,
@@ -366,21 +481,24 @@ class ChatSession:
         sampling = _sampling(self._model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty)
         cached = self._reuse(prompt_ids)
 
-        def on_end(token_ids, reasoning, content):
+        def on_end(text):
             self._answering = None
-            answer = {"role": "assistant", "content": content}
-            if reasoning:
-                answer["reasoning_content"] = reasoning
+            answer = {"role": "assistant", "content": text.content}
+            if text.reasoning:
+                answer["reasoning_content"] = text.reasoning
+            if text.tool_calls:
+                answer["tool_calls"] = [{"type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                                        for call in text.tool_calls]
             self.messages = [*messages, answer]
             held = self._session.position  # what the cache holds now: the prompt, then the tokens fed back
-            known = [*prompt_ids, *token_ids]
+            known = [*prompt_ids, *text.token_ids]
             if held > len(known):  # interrupted between computing a token and handing it over
                 self._session.reset()
                 held = 0
             self._cached = known[:held]
 
         self._answering = _generate(self._model, self._session, prompt, prompt_ids, cached, max_tokens, sampling,
-                                    seed, stop, on_end)
+                                    seed, stop, bool(self.tools), on_end)
         return self._answering if stream else collect(self._answering)
 
     def _reuse(self, prompt_ids):

@@ -47,3 +47,11 @@ def interruptible():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+
+@pytest.fixture(scope="session")
+def tool_caller(tmp_path_factory):
+    """A converted model that answers WEATHER_QUESTION with a call of WEATHER_TOOL (testing.make_tool_caller)."""
+    from qwen3pack.testing import make_tool_caller
+    return make_tool_caller(tmp_path_factory.mktemp("tool-caller"))

@@ -20,7 +20,7 @@ import qwen3pack  # noqa: E402
 from qwen3pack.convert import convert  # noqa: E402
 from qwen3pack.runtime import ContextLengthError, Tokenizer  # noqa: E402
 from qwen3pack.runtime.chat_template import ChatTemplate  # noqa: E402
-from qwen3pack.runtime.text import ReasoningSplit, StopStrings, generation  # noqa: E402
+from qwen3pack.runtime.text import ReasoningSplit, StopStrings, ToolCall, ToolCallSplit, generation  # noqa: E402
 from qwen3pack.testing import make_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
@@ -305,6 +305,37 @@ def test_text_is_split_at_the_think_tags_the_same_streamed_and_whole(text, in_re
     assert split_pieces(list(text), in_reasoning) == (reasoning, content)  # one character at a time
 
 
+def tool_call_pieces(pieces):
+    split, content, calls = ToolCallSplit(), [], []
+    for piece in pieces:
+        c, new_calls = split.feed(piece)
+        content.append(c)
+        calls += new_calls
+    return "".join(content) + split.finish(), calls
+
+
+WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+PARIS = ToolCall("get_weather", {"city": "Paris"})
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    (WEATHER, "", [PARIS]),
+    ("Let me check.\n\n" + WEATHER, "Let me check.", [PARIS]),
+    (WEATHER + "\n" + WEATHER.replace("Paris", "Zürich") + "\n", "",
+     [PARIS, ToolCall("get_weather", {"city": "Zürich"})]),
+    ('<tool_call>{"name": "now"}</tool_call>', "", [ToolCall("now", {})]),
+    ('<tool_call>{"name": "f", "arguments": "{\\"x\\": [1, 2]}"}</tool_call>', "", [ToolCall("f", {"x": [1, 2]})]),
+    ("Paris.\n", "Paris.\n", []),
+    ("a <tool_c", "a <tool_c", []),
+    ("<tool_call>not json</tool_call> then", "<tool_call>not json</tool_call> then", []),
+    ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+    ('<tool_call>\n{"name": "get_weather", "argu', '<tool_call>\n{"name": "get_weather", "argu', []),
+])
+def test_tool_calls_are_taken_out_of_the_content_the_same_streamed_and_whole(text, content, calls):
+    assert tool_call_pieces([text]) == (content, calls)
+    assert tool_call_pieces(list(text)) == (content, calls)  # one character at a time
+
+
 # ---------------------------------------------------------------- generation against transformers
 
 
@@ -538,3 +569,31 @@ def test_sliding_window_caches_cannot_go_back_and_chat_sessions_start_again(chec
         second = chat.send("Again", max_tokens=4, temperature=0)
         assert second.usage.cached_tokens == 0
         assert second.token_ids == m.chat(chat.messages[:3], max_tokens=4, temperature=0).token_ids
+
+
+# ---------------------------------------------------------------- tool calls of a chat given tools
+
+
+def test_a_chat_given_tools_answers_with_the_tool_calls_taken_out_of_its_content(tool_caller):
+    from qwen3pack.testing import WEATHER_CALL, WEATHER_QUESTION, WEATHER_TOOL
+    paris = ToolCall("get_weather", {"city": "Paris", "unit": "°C"})
+    with qwen3pack.load(tool_caller, threads=1) as model:
+        answer = model.chat(WEATHER_QUESTION, tools=[WEATHER_TOOL], enable_thinking=False, temperature=0)
+        assert answer.tool_calls == [paris]
+        assert answer.content == "" and answer.finish_reason == "tool_calls"
+        assert answer.text == "<tool_call>" + WEATHER_CALL + "</tool_call>"  # the text keeps everything
+        chunks = list(model.chat(WEATHER_QUESTION, tools=[WEATHER_TOOL], enable_thinking=False, temperature=0,
+                                 stream=True))
+        assert [c.tool_calls for c in chunks if c.tool_calls] == [(paris,)]
+        assert chunks[-1].finish_reason == "tool_calls"
+        # without tools nothing is parsed: the same tokens are content
+        plain = model.complete(model.render(WEATHER_QUESTION, tools=[WEATHER_TOOL], enable_thinking=False),
+                               temperature=0)
+        assert plain.tool_calls == [] and plain.content == plain.text and plain.finish_reason == "stop"
+        # a conversation keeps the call in its history, for the template to write back
+        session = model.chat_session(tools=[WEATHER_TOOL], enable_thinking=False)
+        assert session.send(WEATHER_QUESTION[0]["content"], temperature=0, max_tokens=4).tool_calls == [paris]
+        assert session.messages[-1] == {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}}]}
+        session.send({"role": "tool", "content": "18"}, max_tokens=1)
+        assert "<tool_response>\n18\n</tool_response>" in model.render(session.messages, tools=[WEATHER_TOOL])

@@ -205,10 +205,11 @@ def _write_tokenizer(directory):
     }, indent=2))
 
 
-def _write_qwen3_tokenizer(directory, vocab_size):
+def _write_qwen3_tokenizer(directory, vocab_size, added_tokens=()):
     """A Qwen3-like tokenizer: byte-level BPE trained on BPE_CORPUS up to `vocab_size` tokens with
-    Qwen2's normalizer and pre-tokenizer, Qwen3's special and added tokens, and
+    Qwen2's normalizer and pre-tokenizer, Qwen3's special and added tokens (and `added_tokens`), and
     QWEN3_STYLE_TEMPLATE. Returns the ids of <|im_end|> and <|endoftext|>, Qwen3's eos ids."""
+    added = [*QWEN3_ADDED_TOKENS, *added_tokens]
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -216,10 +217,10 @@ def _write_qwen3_tokenizer(directory, vocab_size):
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(QWEN3_ADDED_TOKENS), special_tokens=QWEN3_SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(added), special_tokens=QWEN3_SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(BPE_CORPUS, trainer)
-    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in QWEN3_ADDED_TOKENS])
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in added])
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
@@ -238,12 +239,13 @@ BF16_ACTIVATIONS_ATOL = 0.25
 
 
 def make_checkpoint(directory, seed=0, shards=1, tie=True, dtype="f32", qwen3_tokenizer=False, trained_like=False,
-                    **config_overrides):
+                    added_tokens=(), **config_overrides):
     """Writes a small random Qwen3 checkpoint (config.json, safetensors, tokenizer, generation
     config) to `directory`, deterministic by `seed`. `shards` > 1 splits the weights over that
     many files with a model.safetensors.index.json. The tokenizer is byte-level with a ChatML
     template, or with qwen3_tokenizer a trained BPE with Qwen3's chat tokens, a Qwen3-style template
-    (thinking, tools) and Qwen3's generation_config.json (its eos ids and sampling defaults).
+    (thinking, tools) and Qwen3's generation_config.json (its eos ids and sampling defaults), and
+    `added_tokens` as further added tokens of that tokenizer.
     `trained_like` draws the weights more like a trained model's (see _weights). Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -251,7 +253,7 @@ def make_checkpoint(directory, seed=0, shards=1, tie=True, dtype="f32", qwen3_to
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": [config["eos_token_id"], 256],
                   "do_sample": False}
     if qwen3_tokenizer:
-        im_end, end_of_text = _write_qwen3_tokenizer(directory, config["vocab_size"])
+        im_end, end_of_text = _write_qwen3_tokenizer(directory, config["vocab_size"], added_tokens)
         config.update(bos_token_id=end_of_text, eos_token_id=im_end)
         generation = {"bos_token_id": end_of_text, "eos_token_id": [im_end, end_of_text], "pad_token_id": end_of_text,
                       "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
@@ -273,6 +275,58 @@ def make_checkpoint(directory, seed=0, shards=1, tie=True, dtype="f32", qwen3_to
     (directory / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": int(total)}, "weight_map": weight_map}, indent=2))
     return directory
+
+
+def script_successors(directory, chain):
+    """Rewrites the weights of the untied f32 checkpoint at `directory` (make_checkpoint's) so that
+    greedy decoding follows `chain`, token ids all different: after chain[i] the model writes
+    chain[i + 1], whatever came before. Every layer's output projections are zeroed, so the last
+    hidden state is the current token's embedding; chain[i]'s embedding is the unit vector i, which
+    the final norm keeps (its weights set to 1) and the output head maps to chain[i + 1]."""
+    from safetensors.numpy import load_file
+    assert len(set(chain)) == len(chain), "a token with two successors"
+    tensors = load_file(Path(directory) / "model.safetensors")
+    embed, head = tensors["model.embed_tokens.weight"], tensors["lm_head.weight"]
+    assert len(chain) <= embed.shape[1], "more tokens than the hidden size has unit vectors"
+    for name, tensor in tensors.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor[:] = 0
+    tensors["model.norm.weight"][:] = 1
+    head[:] = 0
+    for i, (token, successor) in enumerate(zip(chain, chain[1:])):
+        embed[token] = 0
+        embed[token, i] = 1
+        head[successor, i] = 1
+    _save_safetensors(tensors, Path(directory) / "model.safetensors", "f32")
+
+
+# A tool call as Qwen3 writes one, the tool it calls, and a question for it.
+WEATHER_CALL = '\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}\n'
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}}}}}
+WEATHER_QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def make_tool_caller(directory):
+    """A converted model in directory/model that answers WEATHER_QUESTION, offered WEATHER_TOOL
+    without thinking, by greedy decoding, with "<tool_call>" WEATHER_CALL "</tool_call>" and its
+    eos: the call's JSON is one added token of its tokenizer, and its weights follow that chain
+    (script_successors). Returns that directory."""
+    import qwen3pack
+    from .convert import convert
+    directory = Path(directory)
+    source = make_checkpoint(directory / "source", qwen3_tokenizer=True, tie=False, num_hidden_layers=1,
+                             added_tokens=[WEATHER_CALL])
+    convert(source, directory / "unscripted")
+    with qwen3pack.load(directory / "unscripted", threads=1) as model:
+        prompt = model.tokenizer.encode(model.render(WEATHER_QUESTION, tools=[WEATHER_TOOL], enable_thinking=False))
+        call = [model.tokenizer.encode(text) for text in ("<tool_call>", WEATHER_CALL, "</tool_call>")]
+        assert all(len(ids) == 1 for ids in call), call
+        eos = model.generation["eos_token_ids"][0]
+    script_successors(source, [prompt[-1], *(ids[0] for ids in call), eos])
+    convert(source, directory / "model")
+    return directory / "model"
 
 
 def logit_agreement(reference, logits):
