@@ -354,6 +354,37 @@ def test_a_client_that_disconnects_frees_its_slot(client, server):
     assert all(answers)
 
 
+def test_tool_calls_come_back_as_openai_tool_calls_whole_and_streamed(tool_caller):
+    from qwen3pack.testing import WEATHER_QUESTION, WEATHER_TOOL
+    paris = {"city": "Paris", "unit": "°C"}
+    ask = dict(model="model", messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], temperature=0,
+               extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    with serving(tool_caller) as (url, _, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        choice = client.chat.completions.create(**ask).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == paris
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        deltas = [chunk.choices[0].delta for chunk in chunks]
+        [streamed] = [c for d in deltas for c in d.tool_calls or []]
+        assert streamed.index == 0 and streamed.id.startswith("call_") and streamed.function.name == "get_weather"
+        assert json.loads(streamed.function.arguments) == paris
+        assert "".join(d.content or "" for d in deltas) == "" and chunks[-1].choices[0].finish_reason == "tool_calls"
+        # the conversation goes on with the call and the tool's answer, as OpenAI's clients send them
+        result = {"role": "tool", "tool_call_id": call.id, "content": "18"}
+        follow = client.chat.completions.create(**{**ask, "messages": [
+            *WEATHER_QUESTION, choice.message.model_dump(exclude_none=True), result]}, max_tokens=1)
+        assert follow.usage.prompt_tokens > client.chat.completions.create(**ask).usage.prompt_tokens
+        # tool_choice "none": the tools are not offered and nothing is parsed; forcing a call is refused
+        plain = client.chat.completions.create(**ask, tool_choice="none").choices[0]
+        assert not plain.message.tool_calls and plain.finish_reason == "stop" and "<tool_call>" in plain.message.content
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**ask, tool_choice="required")
+        assert refused.value.body["param"] == "tool_choice"
+
+
 def test_metrics_count_requests_tokens_and_time_to_first_token(server):
     assert metric(server, "qwen3pack_generation_tokens_total") > 0
     assert metric(server, "qwen3pack_prompt_tokens_total") > 0

@@ -105,6 +105,26 @@ def top_logprobs_count(value, name):
     return value
 
 
+def _tools_offered(body):
+    """The request's tools as the chat template gets them: none with tool_choice "none"; tool_choice
+    "auto" (the default) leaves the choice to the model, and forcing a call is not supported."""
+    tools = field(body, "tools", "array")
+    choice = body.get("tool_choice", "auto")
+    if choice == "none":
+        return None
+    if choice != "auto":
+        raise APIError(400, f'tool_choice must be "auto" or "none" (forcing a call is not supported), got '
+                            f"{json.dumps(choice)}", param="tool_choice")
+    return tools
+
+
+def tool_call_object(call, index=None):
+    """A runtime ToolCall as OpenAI's: an id, and the arguments as a JSON string; `index` in a stream."""
+    item = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+    return item if index is None else {"index": index, **item}
+
+
 def message_text(message, i):
     """A message with its content as one string: OpenAI's clients may send a list of text parts."""
     content = message.get("content") if isinstance(message, dict) else None
@@ -139,7 +159,7 @@ class Server:
         self.requests = Counter("qwen3pack_requests", "HTTP requests answered, by route and status.",
                                 ["route", "status"], registry=r)
         self.finished = Counter("qwen3pack_generations", "Generations ended, by finish reason "
-                                "(stop, length, cancelled, error).", ["finish_reason"], registry=r)
+                                "(stop, length, tool_calls, cancelled, error).", ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("qwen3pack_prompt_tokens", "Prompt tokens computed.", registry=r)
         self.generation_tokens = Counter("qwen3pack_generation_tokens", "Tokens generated.", registry=r)
         self.time_to_first_token = Histogram(
@@ -197,7 +217,7 @@ class Server:
             raise APIError(400, "messages is required", param="messages")
         template_options = field(body, "chat_template_kwargs", "object", {})
         enable_thinking = field(template_options, "enable_thinking", "boolean")
-        tools = field(body, "tools", "array")
+        tools = _tools_offered(body)
         try:
             prompt = self.model.render([message_text(m, i) for i, m in enumerate(messages)], tools=tools,
                                        enable_thinking=enable_thinking)
@@ -209,7 +229,8 @@ class Server:
         elif body.get("top_logprobs") is not None:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         stream, include_usage = stream_options(body)
-        job = self._job(request, prompt, sampling_options(body, None), top_logprobs, "chatcmpl", "messages")
+        options = {**sampling_options(body, None), "parse_tool_calls": bool(tools)}
+        job = self._job(request, prompt, options, top_logprobs, "chatcmpl", "messages")
         if stream:
             return JobResponse(job, self._close, lines=self._chat_events(job, include_usage))
         return JobResponse(job, self._close, whole=self._chat_whole(job))
@@ -300,18 +321,21 @@ class Server:
                 "system_fingerprint": SYSTEM_FINGERPRINT}
 
     async def _chat_whole(self, job):
-        reasoning, content, entries, last = [], [], [], None
+        reasoning, content, tool_calls, entries, last = [], [], [], [], None
         try:
             async for chunk, logprob_entries in job.pieces():
                 entries += logprob_entries
                 if chunk is not None:
                     reasoning.append(chunk.reasoning)
                     content.append(chunk.content)
+                    tool_calls += chunk.tool_calls
                     last = chunk
         except GenerationFailed as error:
             raise APIError(500, str(error), type="internal_server_error") from None
-        message = {"role": "assistant", "content": "".join(content), "reasoning_content": "".join(reasoning) or None,
-                   "tool_calls": []}
+        text = "".join(content)
+        message = {"role": "assistant", "content": None if tool_calls and not text else text,
+                   "reasoning_content": "".join(reasoning) or None,
+                   "tool_calls": [tool_call_object(call) for call in tool_calls]}
         return {**self._base(job, "chat.completion"), "choices": [{
             "index": 0, "message": message, "logprobs": self._chat_logprobs(job, entries),
             "finish_reason": last.finish_reason}], "usage": usage(last.usage)}
@@ -325,7 +349,7 @@ class Server:
                                              "finish_reason": finish_reason}], **extra})
 
         yield event({"role": "assistant", "content": ""})
-        entries = []
+        entries, calls_sent = [], 0
         try:
             async for chunk, logprob_entries in job.pieces():
                 entries += logprob_entries
@@ -336,6 +360,9 @@ class Server:
                     delta["reasoning_content"] = chunk.reasoning
                 if chunk.content:
                     delta["content"] = chunk.content
+                if chunk.tool_calls:  # each call whole, in the chunk that completes it
+                    delta["tool_calls"] = [tool_call_object(call, calls_sent + i) for i, call in enumerate(chunk.tool_calls)]
+                    calls_sent += len(chunk.tool_calls)
                 if delta:
                     yield event(delta, logprobs=self._chat_logprobs(job, entries))
                     entries = []
