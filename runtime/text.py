@@ -205,7 +205,7 @@ class GenerationText:
         self._tool_calls = ToolCallSplit() if parse_tool_calls else None
         self.eos = frozenset(eos)
         self.max_tokens = max_tokens
-        self._prompt_tokens, self._cached_tokens = prompt_tokens, cached_tokens
+        self._prompt_tokens, self.cached_tokens = prompt_tokens, cached_tokens
         self.token_ids = []
         self.reasoning = self.content = ""
         self.tool_calls = []
@@ -236,7 +236,7 @@ class GenerationText:
         if finish_reason == "stop" and (self.tool_calls or calls):
             finish_reason = "tool_calls"
         return self._chunk(Chunk(text, reasoning + rest_reasoning, content, finish_reason,
-                                 Usage(self._prompt_tokens, len(self.token_ids), self._cached_tokens),
+                                 Usage(self._prompt_tokens, len(self.token_ids), self.cached_tokens),
                                  list(self.token_ids), tuple(calls)))
 
     def _take_tool_calls(self, content, last=False):
@@ -287,6 +287,10 @@ class Generation:
     @property
     def token_ids(self):
         return self.text.token_ids
+
+    def cached_tokens(self, count):
+        """Says that the first `count` prompt tokens were taken from a cache, not computed (usage)."""
+        self.text.cached_tokens = count
 
     def step(self, logits):
         """(the sampled token, the chunk it completes or None): GenerationText.add's."""

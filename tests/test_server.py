@@ -385,6 +385,23 @@ def test_tool_calls_come_back_as_openai_tool_calls_whole_and_streamed(tool_calle
         assert refused.value.body["param"] == "tool_choice"
 
 
+def test_a_conversation_sent_again_with_a_new_turn_is_computed_from_where_they_differ(client, server, model):
+    first = [{"role": "system", "content": "You tell long stories."}, {"role": "user", "content": "Once upon a time"}]
+    answer = client.chat.completions.create(model=NAME, messages=first, max_tokens=8, **no_thinking(VARIED))
+    turn = [*first, {"role": "assistant", "content": answer.choices[0].message.content},
+            {"role": "user", "content": "And then?"}]
+    cached = metric(server, "qwen3pack_prompt_tokens_cached_total")
+    again = client.chat.completions.create(model=NAME, messages=turn, max_tokens=8, **no_thinking(VARIED))
+    # the first request's cache held its prompt (and answer), which the new prompt begins with
+    # up to the assistant header, where the template wrote the empty think block before
+    first_ids, turn_ids = (model.tokenizer.encode(model.render(m, enable_thinking=False)) for m in (first, turn))
+    common = next(i for i, (a, b) in enumerate(zip(first_ids, turn_ids)) if a != b)
+    assert again.usage.prompt_tokens_details.cached_tokens == common > 10
+    assert metric(server, "qwen3pack_prompt_tokens_cached_total") - cached == common
+    expected = model.chat(turn, enable_thinking=False, temperature=0, repetition_penalty=1.8, max_tokens=8)
+    assert again.choices[0].message.content == expected.content  # computed in part, answered the same
+
+
 def test_metrics_count_requests_tokens_and_time_to_first_token(server):
     assert metric(server, "qwen3pack_generation_tokens_total") > 0
     assert metric(server, "qwen3pack_prompt_tokens_total") > 0
@@ -444,3 +461,35 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(
     # the running stream got a token at every step while the long prompt was computed, 32 tokens a step
     assert prompt_steps > 5 and events[submitted:first].count(("running", "token")) >= prompt_steps - 1
     assert len(running.generation.token_ids) == 400 and scheduler.largest_batch == 2
+
+
+def test_ended_requests_caches_are_reused_by_prompts_that_begin_with_their_tokens_within_max_batch(model):
+    from qwen3pack.runtime.text import generation
+    from qwen3pack.scheduler import Request, Scheduler
+    scheduler = Scheduler(model, max_batch=2, prefill_chunk=32)
+    scheduler.start()
+
+    def answer(prompt):
+        events = []
+        request = Request(generation(model, prompt, max_tokens=4, temperature=0), events.append)
+        scheduler.submit(request)
+        deadline = time.monotonic() + 30
+        while not events or events[-1][0] != "end":
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        return request.generation.text
+
+    try:
+        first = answer("Once upon a time there was")
+        assert first.cached_tokens == 0 and scheduler.kept == 1
+        longer = "Once upon a time there was" + first.content + " a king"  # the first's prompt and answer
+        again = answer(longer)
+        assert again.cached_tokens > len(model.tokenizer.encode("Once upon a time there was"))
+        assert again.token_ids == model.complete(longer, max_tokens=4, temperature=0).token_ids  # as computed whole
+        assert scheduler.kept == 1  # the first's session, taken and kept again
+        answer("Far away")
+        answer("Long ago")  # three ended, two places: the oldest cache is given up
+        assert scheduler.kept == 2
+        assert answer("Once upon a time").cached_tokens == 0
+    finally:
+        scheduler.stop()

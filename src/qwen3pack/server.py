@@ -153,6 +153,7 @@ class Server:
         self.scheduler = Scheduler(model, on_step=self.batch_size.observe, **scheduler_options)
         self.waiting.set_function(lambda: self.scheduler.waiting)
         self.running.set_function(lambda: self.scheduler.running)
+        self.kept.set_function(lambda: self.scheduler.kept)
 
     def _metrics(self):
         r = self.registry
@@ -160,13 +161,17 @@ class Server:
                                 ["route", "status"], registry=r)
         self.finished = Counter("qwen3pack_generations", "Generations ended, by finish reason "
                                 "(stop, length, tool_calls, cancelled, error).", ["finish_reason"], registry=r)
-        self.prompt_tokens = Counter("qwen3pack_prompt_tokens", "Prompt tokens computed.", registry=r)
+        self.prompt_tokens = Counter("qwen3pack_prompt_tokens", "Prompt tokens of the requests.", registry=r)
+        self.cached_prompt_tokens = Counter("qwen3pack_prompt_tokens_cached", "Prompt tokens whose keys and values "
+                                            "were taken from an ended request's cache, not computed.", registry=r)
         self.generation_tokens = Counter("qwen3pack_generation_tokens", "Tokens generated.", registry=r)
         self.time_to_first_token = Histogram(
             "qwen3pack_time_to_first_token_seconds", "From the request's arrival to its first token.", registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.waiting = Gauge("qwen3pack_waiting_requests", "Requests queued for a place in the batch.", registry=r)
         self.running = Gauge("qwen3pack_running_requests", "Requests in the running batch.", registry=r)
+        self.kept = Gauge("qwen3pack_kept_caches", "KV caches of ended requests kept for prompts that begin "
+                          "with their tokens.", registry=r)
         self.batch_size = Histogram("qwen3pack_batch_size", "Requests in each forward pass.", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
@@ -303,6 +308,7 @@ class Server:
         self.requests.labels(job.route, "200").inc()
         self.finished.labels(job.outcome).inc()
         self.prompt_tokens.inc(len(request.generation.prompt_ids))
+        self.cached_prompt_tokens.inc(request.generation.text.cached_tokens)
         self.generation_tokens.inc(generated)
         ttft = None if request.first_token_at is None else request.first_token_at - request.arrived
         if ttft is not None:
@@ -446,7 +452,7 @@ class Server:
 
 def usage(counts):
     return {"prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
-            "total_tokens": counts.total_tokens}
+            "total_tokens": counts.total_tokens, "prompt_tokens_details": {"cached_tokens": counts.cached_tokens}}
 
 
 def sse(obj):
