@@ -1,6 +1,7 @@
 """`make bench` in its quick mode: it runs end to end and reports every field (never a speed)."""
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -173,4 +174,7 @@ def test_the_quick_serving_benchmark_reports_each_concurrency(capsys):
     for line, concurrency in zip(lines[1:], (1, 2)):
         assert line.strip().startswith(f"concurrency {concurrency:3d}: time to first token")
         assert "tokens/s in all" in line and "requests per forward pass" in line
-    assert len(lines) == 3
+    assert "a conversation's second turn of" in lines[3] and "time to first token" in lines[3]
+    cached, tokens = (int(x) for x in re.search(r"of (\d+) prompt tokens \((\d+) cached\)", lines[3]).groups()[::-1])
+    assert 0 < cached < tokens
+    assert len(lines) == 4

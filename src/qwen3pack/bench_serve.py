@@ -1,7 +1,9 @@
 """`make bench`, serving: `qwen3pack serve` started as a user starts it, then streamed chat requests
 sent at concurrency 1, 4 and 16 (the official `openai` client, one thread per stream). Printed per
 concurrency: the median time to first token, and the aggregate tokens per second (all streams'
-tokens over the wall time of the run) as a ratio to one stream's.
+tokens over the wall time of the run) as a ratio to one stream's. Then a conversation's second
+turn, sent whole as chat clients send it, against a prompt as long that shares nothing with any
+earlier one: the time to the first token with and without prompt caching.
 
 The model is a random bf16 checkpoint with Qwen3-0.6B's widths and fewer layers (--layers), and
 the Qwen3-like test tokenizer (its small vocabulary: the weights of the layers dominate, as in a
@@ -36,18 +38,44 @@ def start_server(directory, threads, max_batch):
 
 def one_stream(client, model, prompt, tokens):
     """(seconds to the first token, tokens received) of one streamed chat request."""
+    first, usage, _ = streamed(client, model, [{"role": "user", "content": prompt}], tokens)
+    return first, usage.completion_tokens
+
+
+def streamed(client, model, messages, tokens):
+    """(seconds to the first token, usage, answer) of one streamed chat request."""
     started = time.perf_counter()
-    first, usage = None, None
+    first, usage, answer = None, None, []
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens, stream=True,
+        model=model, messages=messages, max_tokens=tokens, stream=True,
         stream_options={"include_usage": True}, temperature=0,
         extra_body={"repetition_penalty": 1.3, "chat_template_kwargs": {"enable_thinking": False}})
     for chunk in stream:
         if first is None and chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
             first = time.perf_counter() - started
+        if chunk.choices:
+            answer.append(chunk.choices[0].delta.content or "")
         if chunk.usage is not None:
             usage = chunk.usage
-    return first, usage.completion_tokens
+    return first, usage, "".join(answer)
+
+
+def conversation_turns(client, model, rounds, rules):
+    """Medians over `rounds` of (the second turn's prompt tokens, of them cached, its time to the
+    first token, that of a prompt as long that shares nothing cached): a system prompt of `rules`
+    lines and a question, its answer, and a follow-up, each round its own conversation."""
+    results = []
+    for round in range(rounds):
+        system = "\n".join(f"Rule {i}: answer questions about topic {i} in one sentence." for i in range(rules))
+        first = [{"role": "system", "content": f"Conversation {round}.\n{system}"},
+                 {"role": "user", "content": "What about topic 7?"}]
+        answer = streamed(client, model, first, 16)[2]
+        turn = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And topic 9?"}]
+        cached_ttft, usage, _ = streamed(client, model, turn, 1)
+        fresh = [{"role": "system", "content": f"Elsewhere {round}.\n{system}"}, *turn[1:]]
+        fresh_ttft = streamed(client, model, fresh, 1)[0]
+        results.append((usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, cached_ttft, fresh_ttft))
+    return tuple(statistics.median(r[i] for r in results) for i in range(4))
 
 
 def batch_totals(url):
@@ -60,10 +88,11 @@ def batch_totals(url):
     return float(values["qwen3pack_batch_size_count"]), float(values["qwen3pack_batch_size_sum"])
 
 
-def run_at(client, url, model, concurrency, tokens):
+def run_at(client, url, model, concurrency, tokens, run):
     """(median time to first token, aggregate tokens per second, mean batch of the server's forward
-    passes) of `concurrency` streams at once."""
-    prompts = [f"Request {i}: tell me about topic number {i}." for i in range(concurrency)]
+    passes) of `concurrency` streams at once. The prompts begin with `run`: no prompt repeats an
+    earlier run's, which the server's prompt caching would answer from its cache."""
+    prompts = [f"{run}, request {i}: tell me about topic number {i}." for i in range(concurrency)]
     steps, requests = batch_totals(url)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -101,16 +130,20 @@ def main(argv=None):
         try:
             client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
             model = client.models.list().data[0].id
-            run_at(client, url, model, 1, 4)  # warm-up
+            run_at(client, url, model, 1, 4, "Warm-up")
             print(f"serve     {'tiny' if args.quick else 'Qwen3-0.6B'} widths, {args.layers} layers, bf16, tp {args.tp}, {args.threads} threads, "
                   f"{args.tokens} tokens per streamed answer")
             single = None
             for concurrency in sorted({1, *args.concurrency}):  # one stream first: the baseline
-                ttft, rate, batch = run_at(client, url, model, concurrency, args.tokens)
+                ttft, rate, batch = run_at(client, url, model, concurrency, args.tokens, f"Run {concurrency}")
                 single = single or rate
                 print(f"          concurrency {concurrency:3d}: time to first token {ttft * 1000:7.1f} ms (median), "
                       f"{rate:8.1f} tokens/s in all ({rate / single:.2f} x one stream), "
                       f"{batch:.1f} requests per forward pass", flush=True)
+            tokens, cached, with_cache, without = conversation_turns(client, model, 3, 4 if args.quick else 40)
+            print(f"          a conversation's second turn of {tokens:.0f} prompt tokens ({cached:.0f} cached): time to "
+                  f"first token {with_cache * 1000:.1f} ms, against {without * 1000:.1f} ms for as many with none "
+                  f"cached ({without / with_cache:.1f} x), medians of 3", flush=True)
         finally:
             process.terminate()
             process.wait(timeout=60)
