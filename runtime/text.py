@@ -254,9 +254,10 @@ class GenerationText:
 
 def generation(model, prompt, *, max_tokens=None, temperature=None, top_p=None, top_k=None,
                min_p=None, presence_penalty=None, frequency_penalty=0.0, repetition_penalty=None, seed=None,
-               stop=None, parse_tool_calls=False):
+               stop=None, parse_tool_calls=False, logit_bias=None):
     """A Generation of `prompt` driven step by step by its caller: complete's options, checked here,
-    frequency_penalty, and parse_tool_calls (a chat given tools: chat's tool calls)."""
+    frequency_penalty, logit_bias ({token id: bias from -100 to 100}, added to the token's logit
+    before sampling, as OpenAI's) and parse_tool_calls (a chat given tools: chat's tool calls)."""
     prompt_ids = _encode_prompt(model, prompt)
     text = _generation_text(model, prompt, prompt_ids, max_tokens, stop, parse_tool_calls)
     frequency_penalty = _model._number(frequency_penalty, "frequency_penalty", lambda p: True, "a finite number")
@@ -264,20 +265,43 @@ def generation(model, prompt, *, max_tokens=None, temperature=None, top_p=None, 
         model.vocab_size, seed=seed,
         **_sampling(model, temperature, top_k, top_p, min_p, presence_penalty, repetition_penalty))
     sampler.add_prompt(_model._token_ids(prompt_ids, model.vocab_size, "prompt"))
-    return Generation(prompt_ids, sampler, text, frequency_penalty, model.vocab_size)
+    return Generation(prompt_ids, sampler, text, frequency_penalty, _logit_bias(logit_bias, model.vocab_size),
+                      model.vocab_size)
+
+
+def _logit_bias(logit_bias, vocab_size):
+    """(token ids, biases) as arrays, checked, or None."""
+    if not logit_bias:
+        return None
+    if not isinstance(logit_bias, dict):
+        raise ValueError(f"logit_bias must map token ids to biases, got {logit_bias!r}")
+    ids, biases = [], []
+    for token, bias in logit_bias.items():
+        try:
+            token_id = int(token)  # JSON's keys are strings
+        except (TypeError, ValueError):
+            token_id = -1
+        if isinstance(token, bool) or not 0 <= token_id < vocab_size:
+            raise ValueError(f"logit_bias names {token!r}, which is not a token id of this model (0 to {vocab_size - 1})")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias gives token {token_id} the bias {bias!r}; a number from -100 to 100 is needed")
+        ids.append(token_id)
+        biases.append(bias)
+    return np.array(ids, dtype=np.int64), np.array(biases, dtype=np.float32)
 
 
 class Generation:
     """One generation whose caller computes the logits (say, one batched forward for many of
     them): feed `prompt_ids` to a session, then step(logits of its last token) samples the next
     token, which the caller feeds back, until `finished`. Sampling is generate's; frequency_penalty
-    (as OpenAI's: subtracted once per time a token was generated) comes first."""
+    (as OpenAI's: subtracted once per time a token was generated) and logit_bias come first."""
 
-    def __init__(self, prompt_ids, sampler, text, frequency_penalty, vocab_size):
+    def __init__(self, prompt_ids, sampler, text, frequency_penalty, logit_bias, vocab_size):
         self.prompt_ids = prompt_ids
         self._sampler = sampler
         self.text = text
         self._frequency_penalty = frequency_penalty
+        self._logit_bias = logit_bias
         self._counts = np.zeros(vocab_size, dtype=np.float32) if frequency_penalty else None
 
     @property
@@ -296,6 +320,10 @@ class Generation:
         """(the sampled token, the chunk it completes or None): GenerationText.add's."""
         if self._counts is not None:
             logits = logits - np.float32(self._frequency_penalty) * self._counts
+        if self._logit_bias is not None:
+            ids, biases = self._logit_bias
+            logits = logits.copy() if self._counts is None else logits
+            np.add.at(logits, ids, biases)
         token = self._sampler.sample(np.ascontiguousarray(logits, dtype=np.float32))
         self._sampler.accept(token)
         if self._counts is not None:

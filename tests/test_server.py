@@ -493,3 +493,17 @@ def test_ended_requests_caches_are_reused_by_prompts_that_begin_with_their_token
         assert answer("Once upon a time").cached_tokens == 0
     finally:
         scheduler.stop()
+
+
+def test_logit_bias_pushes_tokens_up_or_out(client, model):
+    ask = dict(model=NAME, prompt="Once upon a time", max_tokens=3, temperature=0)
+    plain = client.completions.create(**ask, logprobs=1).choices[0]
+    first = model.tokenizer.encode(plain.logprobs.tokens[0])[0]
+    banned = client.completions.create(**ask, logprobs=1, logit_bias={str(first): -100}).choices[0]
+    assert banned.logprobs.tokens[0] != plain.logprobs.tokens[0]
+    forced = model.tokenizer.encode("Z")[0]
+    assert client.completions.create(**ask, logit_bias={str(forced): 100}).choices[0].text == "ZZZ"
+    for bias, wrong in (({"-1": 5}, "not a token id"), ({str(forced): 101}, "from -100 to 100")):
+        with pytest.raises(openai.BadRequestError, match=wrong) as refused:
+            client.completions.create(**ask, logit_bias=bias)
+        assert refused.value.body["param"] == "logit_bias"

@@ -33,7 +33,7 @@ MAX_TOP_LOGPROBS = 20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default; chat has none (the context's room)
 # The runtime's ValueError messages begin with the argument's name: the request field it comes from.
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "seed", "stop")
+                   "repetition_penalty", "seed", "stop", "logit_bias")
 
 
 class APIError(Exception):
@@ -86,7 +86,8 @@ def sampling_options(body, default_max_tokens):
         frequency_penalty=field(body, "frequency_penalty", "number", 0.0),
         repetition_penalty=field(body, "repetition_penalty", "number"),
         seed=field(body, "seed", "integer"),
-        stop=stop or None)
+        stop=stop or None,
+        logit_bias=field(body, "logit_bias", "object"))
 
 
 def stream_options(body):
