@@ -402,6 +402,23 @@ def test_a_conversation_sent_again_with_a_new_turn_is_computed_from_where_they_d
     assert again.choices[0].message.content == expected.content  # computed in part, answered the same
 
 
+def test_tokenize_and_detokenize_answer_as_vllms_routes_do(server, model):
+    def post(route, body):
+        return httpx.post(server + route, json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+
+    text = post("/tokenize", {"prompt": "Hello 😀"}).json()
+    assert text == {"count": len(model.tokenizer.encode("Hello 😀")), "max_model_len": MAX_CONTEXT,
+                    "tokens": model.tokenizer.encode("Hello 😀")}
+    rendered = model.render(messages(), enable_thinking=False)
+    chat = post("/tokenize", {"messages": messages(), "chat_template_kwargs": {"enable_thinking": False}}).json()
+    assert chat["tokens"] == model.tokenizer.encode(rendered)
+    assert post("/detokenize", {"tokens": chat["tokens"]}).json() == {"prompt": rendered}
+    for route, body, param in (("/detokenize", {"tokens": [0, -1]}, "tokens"), ("/tokenize", {}, "prompt"),
+                               ("/tokenize", {"messages": "Hi"}, "messages")):
+        refused = post(route, body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+
+
 def test_metrics_count_requests_tokens_and_time_to_first_token(server):
     assert metric(server, "qwen3pack_generation_tokens_total") > 0
     assert metric(server, "qwen3pack_prompt_tokens_total") > 0

@@ -1,7 +1,7 @@
 """`qwen3pack serve`: an OpenAI-compatible HTTP server over a loaded model (Starlette under uvicorn).
 
 Routes (each also without the /v1 prefix): POST /v1/chat/completions, POST /v1/completions,
-GET /v1/models, GET /health, GET /metrics. Generation goes through the continuous-batching
+GET /v1/models; and GET /health, GET /metrics, POST /tokenize, POST /detokenize. Generation goes through the continuous-batching
 Scheduler (scheduler.py), which calls the runtime's Python API; this module turns HTTP requests
 into text.Generation objects and the scheduler's events into OpenAI's response objects.
 """
@@ -182,7 +182,9 @@ class Server:
                                        ("/completions", self.completions, ["POST"]),
                                        ("/models", self.models, ["GET"])):
             routes += [Route("/v1" + path, handler, methods=methods), Route(path, handler, methods=methods)]
-        routes += [Route("/health", self.health, methods=["GET"]), Route("/metrics", self.metrics, methods=["GET"])]
+        routes += [Route("/health", self.health, methods=["GET"]), Route("/metrics", self.metrics, methods=["GET"]),
+                   Route("/tokenize", self.tokenize, methods=["POST"]),
+                   Route("/detokenize", self.detokenize, methods=["POST"])]
         app = Starlette(routes=routes, lifespan=self._lifespan,
                         exception_handlers={HTTPException: self._http_error, APIError: self._api_error})
         return APIKeyCheck(app, self.api_key) if self.api_key else app
@@ -214,10 +216,36 @@ class Server:
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "qwen3pack",
             "root": self.model_name, "parent": None, "max_model_len": self.model.max_context}]})
 
+    # ---- tokens, as vLLM's server gives them
+
+    async def tokenize(self, request):
+        """{"prompt": text} as it is, or {"messages": [...]} (with tools and chat_template_kwargs)
+        through the chat template: {"count", "max_model_len", "tokens"}."""
+        body = await self._body(request)
+        if "messages" in body:
+            prompt = self._chat_prompt(body)[0]
+        else:
+            prompt = field(body, "prompt", "string")
+            if prompt is None:
+                raise APIError(400, "prompt (a string) or messages is required", param="prompt")
+        tokens = self.model.tokenizer.encode(prompt)
+        self.requests.labels(request.url.path, "200").inc()
+        return JSONResponse({"count": len(tokens), "max_model_len": self.model.max_context, "tokens": tokens})
+
+    async def detokenize(self, request):
+        """{"tokens": [ids]}: {"prompt": their text} (special tokens kept, as they were written)."""
+        body = await self._body(request)
+        tokens = field(body, "tokens", "array")
+        vocab = self.model.vocab_size
+        if tokens is None or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens):
+            raise APIError(400, f"tokens must be a list of token ids from 0 to {vocab - 1}", param="tokens")
+        self.requests.labels(request.url.path, "200").inc()
+        return JSONResponse({"prompt": self.model.tokenizer.decode(tokens, skip_special_tokens=False)})
+
     # ---- the two generation routes
 
-    async def chat_completions(self, request):
-        body = await self._body(request)
+    def _chat_prompt(self, body):
+        """(the prompt that the chat template renders for the request's messages, its tools offered)."""
         messages = field(body, "messages", "array")
         if messages is None:
             raise APIError(400, "messages is required", param="messages")
@@ -229,6 +257,11 @@ class Server:
                                        enable_thinking=enable_thinking)
         except ValueError as error:
             raise APIError(400, str(error), param="tools" if str(error).startswith("tools") else "messages") from None
+        return prompt, tools
+
+    async def chat_completions(self, request):
+        body = await self._body(request)
+        prompt, tools = self._chat_prompt(body)
         top_logprobs = None
         if field(body, "logprobs", "boolean", False):
             top_logprobs = top_logprobs_count(field(body, "top_logprobs", "integer", 0), "top_logprobs")
