@@ -419,6 +419,14 @@ def test_tokenize_and_detokenize_answer_as_vllms_routes_do(server, model):
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param
 
 
+def test_a_response_format_that_is_not_text_is_refused_not_ignored(client):
+    ask = dict(model=NAME, messages=messages(), max_tokens=1)
+    assert client.chat.completions.create(**ask, response_format={"type": "text"}).choices
+    with pytest.raises(openai.BadRequestError, match='response_format "json_object" is not supported') as refused:
+        client.chat.completions.create(**ask, response_format={"type": "json_object"})
+    assert refused.value.body["param"] == "response_format"
+
+
 def test_metrics_count_requests_tokens_and_time_to_first_token(server):
     assert metric(server, "qwen3pack_generation_tokens_total") > 0
     assert metric(server, "qwen3pack_prompt_tokens_total") > 0

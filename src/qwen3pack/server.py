@@ -261,6 +261,10 @@ class Server:
 
     async def chat_completions(self, request):
         body = await self._body(request)
+        response_format = field(body, "response_format", "object", {"type": "text"})
+        if response_format.get("type") != "text":  # refused rather than ignored: nothing here enforces it
+            raise APIError(400, f"response_format {json.dumps(response_format.get('type'))} is not supported "
+                                "(this server does not constrain generation); only \"text\"", param="response_format")
         prompt, tools = self._chat_prompt(body)
         top_logprobs = None
         if field(body, "logprobs", "boolean", False):
