@@ -532,3 +532,31 @@ def test_logit_bias_pushes_tokens_up_or_out(client, model):
         with pytest.raises(openai.BadRequestError, match=wrong) as refused:
             client.completions.create(**ask, logit_bias=bias)
         assert refused.value.body["param"] == "logit_bias"
+
+
+def test_a_kept_cache_that_sliding_window_layers_cannot_cut_back_is_not_reused(tmp_path):
+    from qwen3pack.runtime.text import generation
+    from qwen3pack.scheduler import Request, Scheduler
+    source = make_checkpoint(tmp_path / "source", num_hidden_layers=2, use_sliding_window=True, sliding_window=8,
+                             layer_types=["sliding_attention", "full_attention"])
+    convert(source, tmp_path / "model")
+    with qwen3pack.load(tmp_path / "model", threads=1) as model:
+        scheduler = Scheduler(model, max_batch=2)
+        scheduler.start()
+        try:
+            texts = []
+            for prompt in ("Once upon a time there was a king", "Once upon a time there was a queen"):
+                events = []
+                request = Request(generation(model, prompt, max_tokens=4, temperature=0), events.append)
+                scheduler.submit(request)
+                deadline = time.monotonic() + 30
+                while not events or events[-1][0] != "end":
+                    assert time.monotonic() < deadline and "error" not in [e[0] for e in events]
+                    time.sleep(0.001)
+                texts.append(request.generation.text)
+        finally:
+            scheduler.stop()
+        # the common prefix lies more than a window behind the first cache's end: computed afresh
+        assert texts[1].cached_tokens == 0
+        assert texts[1].token_ids == model.complete("Once upon a time there was a queen", max_tokens=4,
+                                                    temperature=0).token_ids
