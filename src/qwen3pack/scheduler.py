@@ -7,12 +7,12 @@ cancelled request leaves the batch at once and its session (its KV cache) is dro
 Prefill is chunked: a step feeds at most `prefill_chunk` prompt tokens in all, so a long prompt
 arriving does not stall the running streams for longer than that.
 
-Prompt caching: the session of a request that ended is kept, idle, with the tokens its cache
-holds (its prompt and answer). A new request takes the idle session whose tokens begin its prompt
-with the longest common prefix, cut back to it, and computes only the rest: a chat client that
-sends the whole conversation every turn has only the new turn computed. Idle sessions fill the
-places of the batch that no request runs in, the oldest given up first, so the KV caches held
-are never more than max_batch, as without them.
+Prompt caching: the session of a request that ended is kept, with the tokens its cache holds (its
+prompt and answer). A new request takes the kept session whose tokens begin its prompt with the
+longest common prefix, cut back to it, and computes only the rest: a chat client that sends the
+whole conversation every turn has only the new turn computed. Kept sessions fill the places of
+the batch that no request runs in, the oldest given up first, so the KV caches held are never
+more than max_batch, as without them.
 """
 import collections
 import logging
@@ -76,7 +76,7 @@ class Scheduler:
         self._on_step = on_step or (lambda size: None)
         self._waiting = collections.deque()
         self._running = []
-        self._idle = []  # (the token ids its cache holds, session) of ended requests, the oldest first
+        self._kept = []  # (the token ids its cache holds, session) of ended requests, the oldest first
         self._wake = threading.Condition()
         self._stopping = False
         self.largest_batch = 0
@@ -96,7 +96,7 @@ class Scheduler:
     @property
     def kept(self):
         """Sessions of ended requests kept for prompt caching."""
-        return len(self._idle)
+        return len(self._kept)
 
     def submit(self, request):
         with self._wake:
@@ -147,28 +147,33 @@ class Scheduler:
             request.session, request.fed = self._session_for(request.generation.prompt_ids)
             request.generation.cached_tokens(request.fed)
             self._running.append(request)
-        del self._idle[:max(0, len(self._idle) + len(self._running) - self.max_batch)]
+        self._give_up_kept()
 
     def _session_for(self, prompt_ids):
-        """(a session, how many of prompt_ids its cache holds): the idle session with the longest
+        """(a session, how many of prompt_ids its cache holds): the kept session with the longest
         common prefix, cut back to it, else a new one. The last prompt token is always computed:
         its logits are needed."""
-        def common(entry):
+        def common(kept):
             n = 0
-            for held, new in zip(entry[0], prompt_ids):
+            for held, new in zip(kept[0], prompt_ids):
                 if held != new:
                     break
                 n += 1
             return min(n, len(prompt_ids) - 1)
-        best = max(self._idle, key=common, default=None)
-        if best is not None and common(best) > 0:
-            self._idle.remove(best)
+        best = max(self._kept, key=common, default=None)
+        reused = 0 if best is None else common(best)
+        if reused > 0:
+            self._kept.remove(best)
             try:
-                best[1].truncate(common(best))
-                return best[1], common(best)
+                best[1].truncate(reused)
+                return best[1], reused
             except ValueError:  # sliding-window layers cannot go back that far
                 pass
         return self._model.session(), 0
+
+    def _give_up_kept(self):
+        """Drops the oldest kept sessions beyond the places of the batch that no request runs in."""
+        del self._kept[:max(0, len(self._kept) + len(self._running) - self.max_batch)]
 
     def _step(self):
         batch, pieces = self._plan()
@@ -226,6 +231,6 @@ class Scheduler:
             self._running.remove(request)
             if event[0] == "end":  # kept for a prompt that begins with its tokens (the module's docstring)
                 held = [*request.generation.prompt_ids, *request.generation.token_ids][:session.position]
-                self._idle.append((held, session))
-                del self._idle[:max(0, len(self._idle) + len(self._running) - self.max_batch)]
+                self._kept.append((held, session))
+                self._give_up_kept()
         request.deliver(event)
