@@ -1,9 +1,10 @@
 """`qwen3pack serve`: an OpenAI-compatible HTTP server over a loaded model (Starlette under uvicorn).
 
 Routes (each also without the /v1 prefix): POST /v1/chat/completions, POST /v1/completions,
-GET /v1/models; and GET /health, GET /metrics, POST /tokenize, POST /detokenize. Generation goes through the continuous-batching
-Scheduler (scheduler.py), which calls the runtime's Python API; this module turns HTTP requests
-into text.Generation objects and the scheduler's events into OpenAI's response objects.
+GET /v1/models; and GET /health, GET /metrics, POST /tokenize, POST /detokenize. Generation goes
+through the continuous-batching Scheduler (scheduler.py), which calls the runtime's Python API;
+this module turns HTTP requests into text.Generation objects and the scheduler's events into
+OpenAI's response objects.
 """
 import asyncio
 import contextlib
@@ -106,7 +107,7 @@ def top_logprobs_count(value, name):
     return value
 
 
-def _tools_offered(body):
+def tools_offered(body):
     """The request's tools as the chat template gets them: none with tool_choice "none"; tool_choice
     "auto" (the default) leaves the choice to the model, and forcing a call is not supported."""
     tools = field(body, "tools", "array")
@@ -251,7 +252,7 @@ class Server:
             raise APIError(400, "messages is required", param="messages")
         template_options = field(body, "chat_template_kwargs", "object", {})
         enable_thinking = field(template_options, "enable_thinking", "boolean")
-        tools = _tools_offered(body)
+        tools = tools_offered(body)
         try:
             prompt = self.model.render([message_text(m, i) for i, m in enumerate(messages)], tools=tools,
                                        enable_thinking=enable_thinking)
