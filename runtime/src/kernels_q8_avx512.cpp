@@ -113,7 +113,7 @@ void single_token_rows(const MatmulQ8Args& a, size_t o0, size_t o1) {
 // do (lanes 0-7 the even block, 8-15 the odd one: quant.h's acc[16] as it stands). Here the
 // activations are offset to unsigned, and each row's pair of blocks carries the offset's share
 // (prepared once for the tile's tokens), as in kernels_q8_tiles.inc. The tokens are copied once
-// per call into 64-byte aligned pairs (PanelPair) with their scales spread over the lanes, so that
+// per panel into 64-byte aligned pairs (PanelPair) with their scales spread over the lanes, so that
 // a (row, token) pair of blocks costs one vpdpbusd, conversion, multiplication of the scales and
 // FMA, for 64 products, where the 256-bit tiles took twice that and a scalar multiply-and-broadcast
 // each block. Each step prefetches the same pair of the next tile's rows.
@@ -123,20 +123,24 @@ void single_token_rows(const MatmulQ8Args& a, size_t o0, size_t o1) {
 // tokens 97-98 GOP/s with the 2 x 4 256-bit tiles, 119-121 with these pairs, 126-128 with the
 // prefetch; the 151936-row output head of 16 tokens (165 MB from memory) 83 with the old tiles and
 // with the pairs alone, 118-128 with the prefetch (the loads were waiting: the hardware's
-// prefetcher did not keep ahead of a loop that does this much work a line). A model's 512-token
-// prefill 93.7 -> 114.6 tokens per CPU second, decode at batch 16 58.6 -> 87.3 (paired fresh
-// processes). On this CPU a 512-bit vpdpbusd, FMA or multiplication takes a cycle of the two FMA
-// pipes (and vpdpbusd + FMA two), a conversion or a broadcast goes to the others: the pair's
-// vpdpbusd, multiplication and FMA bound it (3 cycles for 64 products).
+// prefetcher did not keep ahead of a loop that does this much work a line). Panels of 128 tokens
+// (a copy of 256 KB, in the second-level cache) against these of 8 (16 KB, as
+// kernels_q4_avx512.cpp found for q4): 127 against 130-131 GOP/s, and 132-133 against 137-139 for
+// a 1024 x 3072 product. A model's 512-token prefill 93.7 -> 114.6 tokens per CPU second, then
+// 115.4 with these panels; decode at batch 16 58.6 -> 87.3 (paired fresh processes).
+// A loop of independent 512-bit instructions (same machine, at 3.6 GHz) ran a vpdpbusd, FMA,
+// multiplication, conversion or broadcast a cycle each; vpdpbusd with an FMA or a multiplication
+// two cycles, with a conversion or a broadcast one: vpdpbusd, multiplication and FMA share two
+// pipes, so a (row, token) pair takes at least 3 cycles for its 64 products.
 // Not kept: the scales as a table of (d_even, d_odd), each row's multiplied by 8 tokens' in one
 // instruction and read by a 64-bit broadcast, with the two blocks' lanes interleaved (1.17-1.20x
 // the old tiles, against 1.23x); the scales from that table by GCC's own register shuffles (1.16x);
 // 256-bit registers with that table read by the FMA's embedded broadcast and the weights offset
-// instead (0.82-1.10x); the pair's two halves by 256-bit FMAs with
-// embedded broadcasts (1.03-1.07x); the offset's share carried by the tokens (1.11x) or reloaded
-// from memory rather than copied (1.06x); float(p) by a magic number instead of the conversion
-// (unchanged); tiles of 3 x 6, 4 x 4, 2 x 6, 3 x 8 and 1 x 8 (within 2% of 2 x 8), panels of 16 to
-// 256 tokens (unchanged); prefetching two tiles ahead (unchanged).
+// instead (0.82-1.10x); the pair's two halves by 256-bit FMAs with embedded broadcasts
+// (1.03-1.07x); the offset's share carried by the tokens (1.11x) or reloaded from memory rather
+// than copied (1.06x); float(p) by a magic number instead of the conversion (unchanged); tiles of
+// 3 x 6, 4 x 4, 2 x 6, 3 x 8 and 1 x 8 (within 2% of 2 x 8); prefetching two tiles ahead
+// (unchanged).
 constexpr size_t kPairRows = 2, kPairTokens = 8;  // 16 accumulators of the 32 registers
 
 struct alignas(64) PanelPair {  // blocks 2i and 2i + 1 of a token
@@ -220,13 +224,17 @@ inline void pair_row_tiles(const MatmulQ8Args& a, size_t o, size_t t0, size_t t1
   }
 }
 
-// Rows [o0, o1) against every token, in panels of kPanel tokens, each copied once (a few hundred
-// KB: the thread's rows meet it from the cache).
+// Rows [o0, o1) against every token, in panels of tokens whose copy fits in kPairPanelBytes (the
+// first-level cache, 32 KB here, keeps it while the rows stream past: 8 tokens of 1024-3072 inputs).
+constexpr size_t kPairPanelBytes = 24 * 1024;
+
 void paired_rows(const MatmulQ8Args& a, size_t o0, size_t o1) {
   const size_t blocks = (a.in + kQ8Block - 1) / kQ8Block, pairs = (blocks + 1) / 2;
+  const size_t fit = kPairPanelBytes / (pairs * sizeof(PanelPair)) / kPairTokens * kPairTokens;
+  const size_t panel = fit > kPairTokens ? fit : kPairTokens;
   thread_local std::vector<PanelPair> xq;  // each thread copies the panel for its own rows
-  for (size_t t0 = 0; t0 < a.n; t0 += kPanel) {
-    const size_t t1 = t0 + kPanel < a.n ? t0 + kPanel : a.n;
+  for (size_t t0 = 0; t0 < a.n; t0 += panel) {
+    const size_t t1 = t0 + panel < a.n ? t0 + panel : a.n;
     xq.resize((t1 - t0) * pairs);
     for (size_t t = t0; t < t1; ++t)
       for (size_t i = 0; i < pairs; ++i) {
