@@ -52,13 +52,15 @@ inline void block_sums(const uint8_t* qs, __m256i sc16, const int8_t* const* xq,
 // kernels_q4_tiles.inc's 4 tokens a row in panels of 128 tokens (150 KB of activations, re-read
 // from the second-level cache by every row), 154-155 with 8 tokens in these panels; 1024 x 3072
 // 150 -> 168; a model's 512-token prefill 116.9 -> 131.6 tokens per CPU second, decode at batch
-// 16 79.1 -> 92.6 (paired fresh processes). One vpdpwssd chain per token suffices from 4 tokens on
-// (8 chains of 8 tokens would take 16 of the 32 registers). Not kept: 2 or 3 rows a tile sharing
-// the activations (1.10x and 1.07-1.09x the old tiles in panels of 16 tokens, 1 row 1.10x; 1 row of
-// 8 tokens 1.17x; 2 x 8 1.11-1.13x), 6 or 7 tokens (1.15-1.17x), panels of a fixed 8, 16, 24 or 32
-// tokens (the 1024-input product best at 16, 3072 at 8: hence the bytes), prefetching the next
-// row's block (within 3%), and 512-bit registers holding two chunks with the activations copied
-// in the order that takes (0.91-0.99x the old tiles).
+// 16 79.1 -> 92.6 (paired fresh processes; README.md, "q4 prefill and batches", has a later run).
+// One vpdpwssd chain per token suffices from 4 tokens on (8 tokens of two chains would take 16
+// registers more). Not kept: 2 or 3 rows a tile sharing the activations (1.10x and 1.07-1.09x the
+// old tiles in panels of 16 tokens, where 1 row was 1.10x; 1 row of 8 tokens 1.17x, 2 x 8
+// 1.11-1.13x), 6 or 7 tokens (1.15-1.17x), panels of a fixed 8, 16, 24 or 32 tokens (the
+// 1024-input product best at 16, 3072 at 8: hence the bytes), prefetching the next row's block
+// (within 3%), the panel's activations copied to 64-byte aligned blocks (1-2%), and 512-bit
+// registers holding two chunks with the activations copied in the order that takes (0.91-0.99x
+// the old tiles).
 constexpr size_t kPrefillTokens = 8, kPanelBytes = 24 * 1024, kMemoryBoundTokens = 4;
 
 void prefill_rows(const MatmulQ4Args& a, size_t o0, size_t o1) {
