@@ -147,9 +147,24 @@ def test_extreme_stored_values_give_the_same_bits_everywhere(isa):
         blocks["q"] = rng.choice([-128, -127, 127, 0, 1], size=blocks["q"].shape)
         blocks["d"] = rng.choice([-2.0, 0.5, 6e-8, 65504.0], size=blocks["d"].shape)
         stored = blocks.view(np.uint8).reshape(6, -1)
-        x = rng.standard_normal((3, 32 * row_blocks - 10), dtype=np.float32)
-        for tokens in (x, x[:1]):  # a batch, and decode's single token (a path of its own)
+        x = rng.standard_normal((11, 32 * row_blocks - 10), dtype=np.float32)
+        for tokens in (x, x[:3], x[:1]):  # prefill's tiles, decode's batch, and its single token
             assert np.array_equal(_core.matmul(tokens, stored, "q8", isa), _core.matmul(tokens, stored, "q8", "generic"))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", sorted(QUANTIZERS))
+def test_every_batch_size_gives_the_bits_of_the_generic_product(isa, dtype):
+    # Batches of more than 4 tokens take tiles of several rows and tokens (q8 with VNNI: 2 rows x 8
+    # tokens, pairs of blocks): every partial tile of tokens and of rows, rows of an odd or even
+    # number of blocks, and a batch past the 128-token panel.
+    rng = np.random.default_rng(3)
+    block = 32 if dtype == "q8" else 256
+    for blocks in (9, 10):
+        stored, _ = quantized_weights(dtype, rng, 7, block * blocks - 5)
+        x = rng.standard_normal((131, block * blocks - 5), dtype=np.float32)
+        for n in list(range(1, 18)) + [131]:
+            assert np.array_equal(_core.matmul(x[:n], stored, dtype, isa), _core.matmul(x[:n], stored, dtype, "generic"))
 
 
 @pytest.mark.parametrize("isa", ISAS)

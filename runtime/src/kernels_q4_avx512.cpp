@@ -5,6 +5,7 @@
 // vpdpwssd apply both scales and add pairs, which gives quant.h's lanes I_k.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "quant.h"
@@ -20,7 +21,9 @@ constexpr long long repeat4(int word) { return 0x0001000100010001LL * word; }
 template <int T>
 inline void block_sums(const uint8_t* qs, __m256i sc16, const int8_t* const* xq, __m256i* sums) {
   const __m256i low = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-  __m256i part[2][T];  // two chains: the latency of vpdpwssd, not its throughput, bounds one token
+  // Two chains below 4 tokens: the latency of vpdpwssd, not its throughput, bounds one token.
+  constexpr int kChains = T < 4 ? 2 : 1;
+  __m256i part[kChains][T];
   UNROLLED for (int c = 0; c < 4; ++c) {
     const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
     const __m256i q_even = _mm256_and_si256(q, low), q_odd = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
@@ -30,14 +33,65 @@ inline void block_sums(const uint8_t* qs, __m256i sc16, const int8_t* const* xq,
     UNROLLED for (int i = 0; i < T; ++i) {
       const __m256i s_even = _mm256_dpbusd_epi32(zero, q_even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[i] + 64 * c)));
       const __m256i s_odd = _mm256_dpbusd_epi32(zero, q_odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[i] + 64 * c + 32)));
-      part[c % 2][i] = _mm256_dpwssd_epi32(c < 2 ? zero : part[c % 2][i], _mm256_packs_epi32(s_even, s_odd), scale);
+      __m256i& chain = part[c % kChains][i];
+      chain = _mm256_dpwssd_epi32(c < kChains ? zero : chain, _mm256_packs_epi32(s_even, s_odd), scale);
     }
   }
-  UNROLLED for (int i = 0; i < T; ++i) sums[i] = _mm256_add_epi32(part[0][i], part[1][i]);
+  UNROLLED for (int i = 0; i < T; ++i) {
+    if constexpr (kChains == 2) sums[i] = _mm256_add_epi32(part[0][i], part[1][i]);
+    else sums[i] = part[0][i];
+  }
+}
+
+// Prefill and batches of more than kMemoryBoundTokens tokens: a row meets kPrefillTokens tokens at
+// once, in panels of tokens whose activations fit in kPanelBytes (the first-level cache, 32 KB here,
+// keeps them while the rows' weights stream past: 16 tokens of 1024 inputs, 8 of 3072).
+//
+// Measured (one thread, CPU time, medians, a 2-core AMD Zen 4 shared with other work; old and new
+// alternating in one process, random weights): a 3072 x 1024 product of 512 tokens 131 GOP/s with
+// kernels_q4_tiles.inc's 4 tokens a row in panels of 128 tokens (150 KB of activations, re-read
+// from the second-level cache by every row), 154-155 with 8 tokens in these panels; 1024 x 3072
+// 150 -> 168; a model's 512-token prefill 116.9 -> 131.6 tokens per CPU second, decode at batch
+// 16 79.1 -> 92.6 (paired fresh processes; README.md, "q4 prefill and batches", has a later run).
+// One vpdpwssd chain per token suffices from 4 tokens on (8 tokens of two chains would take 16
+// registers more). Not kept: 2 or 3 rows a tile sharing the activations (1.10x and 1.07-1.09x the
+// old tiles in panels of 16 tokens, where 1 row was 1.10x; 1 row of 8 tokens 1.17x, 2 x 8
+// 1.11-1.13x), 6 or 7 tokens (1.15-1.17x), panels of a fixed 8, 16, 24 or 32 tokens (the
+// 1024-input product best at 16, 3072 at 8: hence the bytes), prefetching the next row's block
+// (within 3%), the panel's activations copied to 64-byte aligned blocks (1-2%), each block's s and
+// m of the 8 tokens by two 8-lane multiplications into a table read by the FMAs' embedded
+// broadcasts, the tokens' scales gathered per block (0.88-0.99x the kept tiles), and 512-bit
+// registers holding two chunks with the activations copied in the order that takes (0.91-0.99x
+// the old tiles).
+constexpr size_t kPrefillTokens = 8, kPanelBytes = 24 * 1024, kMemoryBoundTokens = 4;
+
+void prefill_rows(const MatmulQ4Args& a, size_t o0, size_t o1) {
+  const size_t token_bytes = (a.in + kQ4Block - 1) / kQ4Block * sizeof(BlockQ8K);
+  const size_t panel = std::max(kPrefillTokens, kPanelBytes / token_bytes / kPrefillTokens * kPrefillTokens);
+  for (size_t t0 = 0; t0 < a.n; t0 += panel) {
+    const size_t t1 = std::min(t0 + panel, a.n);
+    for (size_t o = o0; o < o1; ++o) {
+      size_t t = t0;
+      for (; t + kPrefillTokens <= t1; t += kPrefillTokens) tile<kPrefillTokens>(a, o, t);
+      switch (t1 - t) {
+        case 7: tile<7>(a, o, t); break;
+        case 6: tile<6>(a, o, t); break;
+        case 5: tile<5>(a, o, t); break;
+        case 4: tile<4>(a, o, t); break;
+        case 3: tile<3>(a, o, t); break;
+        case 2: tile<2>(a, o, t); break;
+        case 1: tile<1>(a, o, t); break;
+        default: break;
+      }
+    }
+  }
 }
 
 }  // namespace
 
-void matmul_q4_avx512vnni(const MatmulQ4Args& a, size_t o0, size_t o1) { matmul_q4_rows(a, o0, o1); }
+void matmul_q4_avx512vnni(const MatmulQ4Args& a, size_t o0, size_t o1) {
+  if (a.n > kMemoryBoundTokens) return prefill_rows(a, o0, o1);
+  matmul_q4_rows(a, o0, o1);
+}
 
 }  // namespace q3p
