@@ -36,6 +36,10 @@ inline __m256i offset_share(__m256i q) {
   const __m256i group_sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(1), q);
   return _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(group_sums, 7));
 }
+inline __m512i offset_share(__m512i q) {  // the same, for a pair of blocks
+  const __m512i group_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), q);
+  return _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(group_sums, 7));
+}
 inline WeightBlock weight_block(__m256i wq) { return {wq, offset_share(wq)}; }
 inline __m256i token_block(__m256i xq) { return _mm256_xor_si256(xq, _mm256_set1_epi8(char(0x80))); }
 inline __m256i lane_sums(const WeightBlock& w, __m256i x) { return _mm256_dpbusd_epi32(w.offset, x, w.q); }
@@ -62,6 +66,14 @@ constexpr size_t kRows = 1;  // the tiles serve batches of up to kMemoryBoundTok
 // model's mapped file one pair an iteration was 0.91-1.01x the tiles, 8 pairs 1.03-1.14x, 16 1.01x.
 constexpr size_t kPairsPerStep = 8;
 
+// The two halves of a 512-bit register: a pair of blocks.
+inline __m512i halves(__m256i low, __m256i high) { return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1); }
+// Two scales (lanes 0 and 1) spread over the halves' lanes: each block's, in its 8 lanes.
+inline __m512 spread_over_halves(__m128 two) {
+  const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(two));
+}
+
 struct alignas(64) TokenPair {  // blocks 2i and 2i + 1 of the token, in the register's halves
   int8_t q[2 * kQ8Block];
   int32_t start[16];  // offset_share of each block
@@ -69,13 +81,12 @@ struct alignas(64) TokenPair {  // blocks 2i and 2i + 1 of the token, in the reg
 };
 
 inline __m512 pair_step(__m512 acc, const BlockQ8* w, const TokenPair& x) {
-  const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[0].q))),
-                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[1].q)), 1);
+  const __m512i wq = halves(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[0].q)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[1].q)));
   const __m512i p = _mm512_dpbusd_epi32(_mm512_load_si512(x.start), _mm512_xor_si512(wq, _mm512_set1_epi8(char(0x80))),
                                         _mm512_load_si512(x.q));
   const __m128 dw = _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(w[0].d), w[1].d, 1));
-  const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512 d = _mm512_mul_ps(_mm512_permutexvar_ps(halves, _mm512_castps128_ps512(dw)), _mm512_load_ps(x.d));
+  const __m512 d = _mm512_mul_ps(spread_over_halves(dw), _mm512_load_ps(x.d));
   return _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
 }
 
@@ -148,14 +159,10 @@ struct alignas(64) PanelPair {  // blocks 2i and 2i + 1 of a token
   float d[16];                  // each block's scale, in its 8 lanes
 };
 
-// The two halves of a 512-bit register.
-inline __m512i halves(__m256i low, __m256i high) { return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1); }
-
 // Pair i of R rows against T tokens; with kLone the even block alone (a row's odd last block).
 template <int R, int T, bool kLone>
-__attribute__((always_inline)) inline void pair_step(__m512 (&acc)[R][T], const BlockQ8* const (&w)[R],
-                                                     const PanelPair* const (&x)[T], size_t i, size_t blocks) {
-  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+__attribute__((always_inline)) inline void pair_tile_step(__m512 (&acc)[R][T], const BlockQ8* const (&w)[R],
+                                                          const PanelPair* const (&x)[T], size_t i, size_t blocks) {
   __m512i wq[R], start[R];
   __m512 dw[R];
   UNROLLED for (int r = 0; r < R; ++r) {
@@ -166,10 +173,8 @@ __attribute__((always_inline)) inline void pair_step(__m512 (&acc)[R][T], const 
     _mm_prefetch(next + 64, _MM_HINT_T0);
     const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[0].q));
     wq[r] = kLone ? _mm512_zextsi256_si512(even) : halves(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[1].q)));
-    const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), wq[r]);
-    start[r] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sums, 7));
-    const __m128 scales = _mm_cvtph_ps(_mm_cvtsi32_si128(b[0].d | (kLone ? 0 : b[1].d << 16)));
-    dw[r] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(scales));
+    start[r] = offset_share(wq[r]);
+    dw[r] = spread_over_halves(_mm_cvtph_ps(_mm_cvtsi32_si128(b[0].d | (kLone ? 0 : b[1].d << 16))));
   }
   UNROLLED for (int k = 0; k < T; ++k) {
     const __m512i xk = _mm512_load_si512(x[k][i].q);
@@ -189,8 +194,8 @@ inline void pair_tile(const MatmulQ8Args& a, size_t o, size_t t, const PanelPair
   __m512 acc[R][T];
   UNROLLED for (int r = 0; r < R; ++r)
     UNROLLED for (int k = 0; k < T; ++k) acc[r][k] = _mm512_setzero_ps();
-  for (size_t i = 0; i < full; ++i) pair_step<R, T, false>(acc, w, x, i, blocks);
-  if (blocks % 2) pair_step<R, T, true>(acc, w, x, full, blocks);
+  for (size_t i = 0; i < full; ++i) pair_tile_step<R, T, false>(acc, w, x, i, blocks);
+  if (blocks % 2) pair_tile_step<R, T, true>(acc, w, x, full, blocks);
   UNROLLED for (int r = 0; r < R; ++r)
     UNROLLED for (int k = 0; k < T; ++k) {
       const __m256 odd = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][k]), 1));
