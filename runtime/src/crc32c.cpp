@@ -48,7 +48,8 @@ uint32_t crc32c_software(uint32_t state, const uint8_t* p, size_t n) {
 // of it. Long inputs are taken kLane bytes at a time in three lanes of one loop, CRCs started from
 // 0 for the second and third, then joined: the CRC of A || B is that of A moved over len(B) zero
 // bytes, xor that of B (CRC arithmetic is linear). Moving over kLane bytes is a lookup per byte
-// of the CRC in kShiftOverLane. 3.1x one lane: 1.19 GB from the cache in 0.04 s, against 0.125.
+// of the CRC in ShiftOverLane's tables. 16 GB/s on a 1 GB buffer, against 8-9.5 with one lane; the
+// converter's checksums of 1.19 GB took 0.07 s, against 0.125.
 constexpr size_t kLane = 8192;
 
 __attribute__((target("sse4.2"))) uint32_t crc32c_one_lane(uint32_t state, const uint8_t* p, size_t n) {
