@@ -195,7 +195,8 @@ class GenerationText:
     while it completes no text); the token that ends the generation (an eos id, one that completes
     a stop string, the max_tokens-th) returns the last chunk, with finish_reason, usage and
     token_ids. token_ids, reasoning, content and tool_calls are what was handed out; eos and
-    max_tokens are the limits it stops at."""
+    max_tokens are the limits it stops at; cached_tokens, the prompt tokens taken from a cache
+    rather than computed (usage), is set by whoever reused the cache."""
 
     def __init__(self, tokenizer, prompt, prompt_tokens, max_tokens, eos, stops, parse_tool_calls=False,
                  cached_tokens=0):
@@ -312,17 +313,13 @@ class Generation:
     def token_ids(self):
         return self.text.token_ids
 
-    def cached_tokens(self, count):
-        """Says that the first `count` prompt tokens were taken from a cache, not computed (usage)."""
-        self.text.cached_tokens = count
-
     def step(self, logits):
         """(the sampled token, the chunk it completes or None): GenerationText.add's."""
         if self._counts is not None:
             logits = logits - np.float32(self._frequency_penalty) * self._counts
         if self._logit_bias is not None:
             ids, biases = self._logit_bias
-            logits = logits.copy() if self._counts is None else logits
+            logits = logits.copy() if self._counts is None else logits  # the caller's stay the model's (logprobs)
             np.add.at(logits, ids, biases)
         token = self._sampler.sample(np.ascontiguousarray(logits, dtype=np.float32))
         self._sampler.accept(token)

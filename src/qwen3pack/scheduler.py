@@ -145,7 +145,7 @@ class Scheduler:
         while self._waiting and len(self._running) < self.max_batch:
             request = self._waiting.popleft()
             request.session, request.fed = self._session_for(request.generation.prompt_ids)
-            request.generation.cached_tokens(request.fed)
+            request.generation.text.cached_tokens = request.fed
             self._running.append(request)
         self._give_up_kept()
 
