@@ -140,10 +140,11 @@ def main(argv=None):
                 print(f"          concurrency {concurrency:3d}: time to first token {ttft * 1000:7.1f} ms (median), "
                       f"{rate:8.1f} tokens/s in all ({rate / single:.2f} x one stream), "
                       f"{batch:.1f} requests per forward pass", flush=True)
-            tokens, cached, with_cache, without = conversation_turns(client, model, 3, 4 if args.quick else 40)
+            rounds = 3
+            tokens, cached, with_cache, without = conversation_turns(client, model, rounds, 4 if args.quick else 40)
             print(f"          a conversation's second turn of {tokens:.0f} prompt tokens ({cached:.0f} cached): time to "
                   f"first token {with_cache * 1000:.1f} ms, against {without * 1000:.1f} ms for as many with none "
-                  f"cached ({without / with_cache:.1f} x), medians of 3", flush=True)
+                  f"cached ({without / with_cache:.1f} x), medians of {rounds}", flush=True)
         finally:
             process.terminate()
             process.wait(timeout=60)
