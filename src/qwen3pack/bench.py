@@ -22,9 +22,8 @@ activations="bf16")):
   count (the figure the machine's bandwidth moves most), with llama.cpp's files rewritten in 2 MB
   blocks first so that the page cache holds them in 2 MB folios as it holds ours; each file's
   share in 2 MB folios is printed;
-- conversion (bf16, and q4) against `cp` + `sync` of the same bytes, and against a copy of them
-  in whole 2 MB blocks + `sync` (the page cache layout the converter writes), in wall and CPU
-  time, and checksum validation;
+- conversion (bf16, and q4) against `cp` + `sync` of the same bytes, in wall and CPU time, and
+  checksum validation;
 - with the qwen3pack[mpi] extra, tp 2 as `mpiexec -n 2` processes of one thread each: decode
   tokens/s at batch 1 against tp 2 with 2 threads in one process, and the latency of one
   all-reduce of a decode step's hidden vector over MPI and between threads (two per layer);
@@ -349,8 +348,8 @@ def decode_alternations(directory, gguf, threads, p, rng):
 
 
 def rewrite_in_2mb_blocks(path):
-    """Writes the file `path` again in whole 2 MB blocks, as the converter writes rank files, so
-    that the page cache holds llama.cpp's files in 2 MB folios as it holds ours: its converter and
+    """Writes the file `path` again in whole 2 MB blocks, so that the page cache holds llama.cpp's
+    files in 2 MB folios, as our runtime reads its rank files back (formats/rankfile.py): its converter and
     llama-quantize write smaller pieces (39-65% of their files came out in 2 MB folios), and a file
     in small folios costs TLB misses (up to 17% of our q4 decode), which no kernel should be judged by."""
     staged = path.with_name(path.name + ".2mb")
@@ -370,36 +369,30 @@ def rewrite_in_2mb_blocks(path):
 
 def bench_convert(work, source, tp, repeats):
     """bf16 and q4 conversions of `source` at `tp`, each round after a `cp` + `sync` of its
-    safetensors and a copy of them in whole 2 MB blocks (dd) + `sync`: medians of wall and CPU
-    seconds (the conversion runs in this process, the copies and sync as children), and the ratios.
-    The converter writes whole 2 MB blocks so that the page cache holds its files in 2 MB folios
-    (formats/rankfile.py); the 2 MB copy writes that layout too, where cp writes its own."""
-    source_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    safetensors: medians of wall and CPU seconds (the conversion runs in this process, the copy and
+    sync as children), and the ratios. Both end with the bytes on disk: the converter writes past
+    the page cache (formats/rankfile.py), cp into it, and sync writes that out."""
+    files = sorted(source.glob("*.safetensors"))
+    source_bytes = sum(f.stat().st_size for f in files)
     copy_dir = work / "copy"
 
-    def copied(*commands):
-        def run():
-            shutil.rmtree(copy_dir, ignore_errors=True)
-            copy_dir.mkdir()
-            for command in commands:
-                subprocess.run(command, check=True)
-            subprocess.run(["sync"], check=True)
-        return run
+    def copied():
+        shutil.rmtree(copy_dir, ignore_errors=True)
+        copy_dir.mkdir()
+        subprocess.run(["cp", *map(str, files), str(copy_dir)], check=True)
+        subprocess.run(["sync"], check=True)
 
-    # Each run deletes what the last one wrote before it writes: the copies and the conversions
-    # then write into the same memory. (Replaced by --force, an old output holds its memory until
-    # the new one is whole, and on this VM memory long free is slow to touch first: README.)
+    # Each run deletes what the last one wrote before it writes, as a user would: an output replaced
+    # by --force is kept until the new one is whole, and what it holds of the disk and the page
+    # cache would weigh on the run.
     def converted(output, **options):
         def run():
             shutil.rmtree(output, ignore_errors=True)
             convert(source, output, tp=tp, **options)
         return run
 
-    files = sorted(source.glob("*.safetensors"))
     out = work / f"tp{tp}"
-    runs = {"cp_sync": copied(["cp", *map(str, files), str(copy_dir)]),
-            "copy_2mb_sync": copied(*(["dd", "bs=2M", "status=none", f"if={f}", f"of={copy_dir / f.name}"] for f in files)),
-            "convert": converted(out), "convert_q4": converted(work / f"q4-tp{tp}", dtype="q4")}
+    runs = {"cp_sync": copied, "convert": converted(out), "convert_q4": converted(work / f"q4-tp{tp}", dtype="q4")}
     wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -411,11 +404,9 @@ def bench_convert(work, source, tp, repeats):
     report = validate(out)
     assert report.ok, report.problems
     validate_s = median([seconds(lambda: validate(out)) for _ in range(repeats)])
-    cp_s, copy_2mb_s = median(wall["cp_sync"]), median(wall["copy_2mb_sync"])
+    cp_s = median(wall["cp_sync"])
     return out, dict(bytes=source_bytes, tp=tp, convert_s=median(wall["convert"]), q4_convert_s=median(wall["convert_q4"]),
-                     cp_sync_s=cp_s, convert_over_cp=median(wall["convert"]) / cp_s, copy_2mb_sync_s=copy_2mb_s,
-                     convert_over_copy_2mb=median(wall["convert"]) / copy_2mb_s,
-                     q4_over_cp=median(wall["convert_q4"]) / cp_s,
+                     cp_sync_s=cp_s, convert_over_cp=median(wall["convert"]) / cp_s, q4_over_cp=median(wall["convert_q4"]) / cp_s,
                      cpu_s={name: median(v) for name, v in cpu.items()}, validate_gb_s=report.bytes / validate_s / 1e9)
 
 
@@ -665,10 +656,8 @@ def print_table(r):
     c = r["conversion"]
     print(f"\nconvert {c['bytes'] / 1e9:.2f} GB at tp={c['tp']}: {c['convert_s']:.2f} s (q4 {c['q4_convert_s']:.2f} s); "
           f"cp + sync {c['cp_sync_s']:.2f} s; convert/cp {c['convert_over_cp']:.2f} (target <= 1.5), q4 "
-          f"{c['q4_over_cp']:.2f} (target <= 3); the same bytes copied in 2 MB blocks + sync {c['copy_2mb_sync_s']:.2f} s "
-          f"(into 2 MB folios, as the converter writes), convert over it {c['convert_over_copy_2mb']:.2f}; CPU s: convert "
-          f"{c['cpu_s']['convert']:.2f}, q4 {c['cpu_s']['convert_q4']:.2f}, cp + sync {c['cpu_s']['cp_sync']:.2f}, 2 MB "
-          f"copy + sync {c['cpu_s']['copy_2mb_sync']:.2f}; validate {c['validate_gb_s']:.2f} GB/s")
+          f"{c['q4_over_cp']:.2f} (target <= 3); CPU s: convert {c['cpu_s']['convert']:.2f}, q4 "
+          f"{c['cpu_s']['convert_q4']:.2f}, cp + sync {c['cpu_s']['cp_sync']:.2f}; validate {c['validate_gb_s']:.2f} GB/s")
 
 
 def print_llama_quantized(dtype, q):
