@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import __version__, _core
-from ..formats.dtypes import F16_MAX, QUANTIZED, DtypeOverflow, convert, row_bytes, storage_dtype
+from ..formats.dtypes import F16_MAX, QUANTIZED, DtypeOverflow, convert, row_bytes, storage_dtype, to_float32
 from ..formats.rankfile import VERSION, RankFileWriter, crc_hex, rank_file_name
 from ..formats.reader import MANIFEST
 from .. import schema
@@ -78,9 +78,10 @@ def _destinations(writers):
 
 def _write_rows(dest, rows, first_row, dtype, stored_blocks=False):
     """Writes source rows [first_row, first_row + len(rows)) where `dest` takes them; rows of a
-    quantized dtype come as float32 and are quantized here, after the slice that the rank holds,
-    so that no block straddles two ranks. With `stored_blocks` they come quantized already (a
-    reshard), as bytes whose column slices lie on block boundaries (reshard._check_whole_blocks)."""
+    quantized dtype come as the quantizers take them (QUANTIZER_INPUT) and are quantized here,
+    after the slice that the rank holds, so that no block straddles two ranks. With
+    `stored_blocks` they come quantized already (a reshard), as bytes whose column slices lie on
+    block boundaries (reshard._check_whole_blocks)."""
     record, part = dest.record, dest.part
     axis = part["axis"]
     if axis == 1:  # a column slice of every row: dest row i is source row i
@@ -105,15 +106,18 @@ def _write_rows(dest, rows, first_row, dtype, stored_blocks=False):
 
 # The C++ quantizers give the bytes of formats.dtypes.quantize_q8 and quantize_q4 (tests/test_quant.py,
 # tests/test_quant_q4.py), 4 times faster for q8, and for q4 with 11 times less CPU (5.0 against 53.6 ns
-# a weight on a 512 x 3072 matrix) spread over every core.
+# a weight on a 512 x 3072 matrix) spread over every core. They take float32 values, or a bf16
+# checkpoint's rows as stored (bit patterns as uint16), which they widen row by row.
 C_QUANTIZERS = {"q8": _core.quantize_q8_weights, "q4": _core.quantize_q4_weights}
+QUANTIZER_INPUT = {"bf16": "bf16"}  # source dtype -> what the quantizers take; f32 for the others
 
 
 def _quantized(values, dtype, dest):
     try:
-        return C_QUANTIZERS[dtype](np.ascontiguousarray(values, dtype=np.float32))
+        return C_QUANTIZERS[dtype](np.ascontiguousarray(values))
     except OverflowError:
-        raise ConversionError(f"tensor {dest.part['source']}: value {float(np.abs(values).max()):g} exceeds the "
+        largest = float(np.abs(to_float32(values, "bf16") if values.dtype == np.uint16 else values).max())
+        raise ConversionError(f"tensor {dest.part['source']}: value {largest:g} exceeds the "
                               f"{dtype} range (a scale beyond f16's {F16_MAX:g}); convert it with --keep "
                               f"GROUP=bf16 or f32") from None
 
@@ -151,8 +155,9 @@ def _stream_tensor(source, dests, buffer, progress):
                 dtype = dest.record["dtype"]
                 if dtype not in converted:
                     try:
-                        # quantized dtypes take f32 values, quantized by _write_rows per rank slice
-                        converted[dtype] = convert(raw, source.dtype, "f32" if dtype in QUANTIZED else dtype)
+                        # quantized by _write_rows per rank slice, from what the quantizers take
+                        taken = QUANTIZER_INPUT.get(source.dtype, "f32") if dtype in QUANTIZED else dtype
+                        converted[dtype] = convert(raw, source.dtype, taken)
                     except DtypeOverflow as error:
                         raise ConversionError(f"tensor {source.name}: {error}; convert with --dtype bf16 "
                                               f"or f32") from None

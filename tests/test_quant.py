@@ -11,7 +11,8 @@ from qwen3pack import _core, formats, runtime
 from qwen3pack.cli import main
 from qwen3pack.convert import ConversionError, SourceError, convert, reshard
 from qwen3pack.formats import FormatError, LayoutError
-from qwen3pack.formats.dtypes import DtypeOverflow, Q8_BLOCK_DTYPE, dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
+from qwen3pack.formats.dtypes import (DtypeOverflow, Q8_BLOCK_DTYPE, dequantize_q4, dequantize_q8, float32_to_bf16_bits,
+                                     quantize_q4, quantize_q8, to_float32)
 from qwen3pack.testing import logit_agreement, make_checkpoint, runtime_logits, transformers_logits
 
 ISAS = _core.supported_isas()
@@ -84,6 +85,14 @@ def test_the_converters_c_quantizer_gives_the_bytes_of_the_numpy_rule(scale):
     stored = _core.quantize_q8_weights(values)
     assert stored.dtype == np.uint8 and stored.shape == (9, 3 * 34)
     assert stored.tobytes() == quantize_q8(values).tobytes()
+
+
+def test_the_converters_c_quantizer_takes_bf16_rows_as_stored_and_gives_the_bytes_of_their_values():
+    # a bf16 checkpoint's rows reach the quantizer as bit patterns (uint16), widened there
+    values = np.random.default_rng(7).standard_normal((9, 75), dtype=np.float32)
+    bits = float32_to_bf16_bits(values)
+    stored = _core.quantize_q8_weights(bits)
+    assert stored.tobytes() == quantize_q8(to_float32(bits, "bf16")).tobytes()
 
 
 def test_the_converters_c_quantizer_refuses_scales_beyond_f16():
@@ -306,6 +315,22 @@ def test_a_weight_beyond_q8s_range_is_refused_naming_its_tensor_and_nothing_is_l
     save_file(tensors, source / "model.safetensors")
     with pytest.raises(ConversionError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight: value 1e\+07 "
                                               r"exceeds the q8 range .*--keep GROUP=bf16 or f32"):
+        convert(source, tmp_path / "out", dtype="q8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bf16_weight_beyond_q8s_range_is_refused_naming_its_value(tmp_path):
+    # the quantizer takes a bf16 checkpoint's rows as stored; the message gives the value they hold
+    source = make_checkpoint(tmp_path / "hf", dtype="bf16")
+    path = source / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    header_length = int.from_bytes(raw[:8], "little")
+    entry = json.loads(raw[8:8 + header_length])["model.layers.1.mlp.up_proj.weight"]
+    at = 8 + header_length + entry["data_offsets"][0] + (3 * entry["shape"][1] + 5) * 2
+    raw[at:at + 2] = float32_to_bf16_bits(np.array([1e7], np.float32)).tobytes()  # 10027008 in bf16
+    path.write_bytes(raw)
+    with pytest.raises(ConversionError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight: value 1\.0027e\+07 "
+                                              r"exceeds the q8 range"):
         convert(source, tmp_path / "out", dtype="q8")
     assert not (tmp_path / "out").exists()
 

@@ -8,7 +8,8 @@ import pytest
 
 from qwen3pack import _core, formats, runtime
 from qwen3pack.convert import ConversionError, convert, reshard
-from qwen3pack.formats.dtypes import Q4_BLOCK_DTYPE, DtypeOverflow, dequantize_q4, quantize_q4
+from qwen3pack.formats.dtypes import (Q4_BLOCK_DTYPE, DtypeOverflow, dequantize_q4, float32_to_bf16_bits, quantize_q4,
+                                     to_float32)
 from qwen3pack.testing import logit_agreement, make_checkpoint, runtime_logits, transformers_logits
 
 ISAS = _core.supported_isas()
@@ -96,6 +97,14 @@ def test_the_converters_c_quantizer_gives_the_bytes_of_the_numpy_rule(case):
     assert stored.dtype == np.uint8 and stored.shape == (len(values), -(-values.shape[1] // 256) * 144)
     with np.errstate(all="ignore"):
         assert stored.tobytes() == quantize_q4(values).tobytes()
+
+
+@pytest.mark.parametrize("case", sorted(C_QUANTIZER_CASES))
+def test_the_converters_c_quantizer_takes_bf16_rows_as_stored_and_gives_the_bytes_of_their_values(case):
+    # a bf16 checkpoint's rows reach the quantizer as bit patterns (uint16), widened there
+    bits = float32_to_bf16_bits(C_QUANTIZER_CASES[case](np.random.default_rng(1)))
+    with np.errstate(all="ignore"):
+        assert _core.quantize_q4_weights(bits).tobytes() == quantize_q4(to_float32(bits, "bf16")).tobytes()
 
 
 def test_the_converters_c_quantizer_refuses_scales_beyond_f16():
