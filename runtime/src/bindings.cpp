@@ -557,6 +557,16 @@ nb::ndarray<nb::numpy, uint8_t> quantize_q4_weights(WeightRows<T> x) {
   return make_array(std::move(out), {rows, blocks * sizeof(q3p::BlockQ4)});
 }
 
+// A converter's quantizer under one name for both of its inputs: float32 values, or bf16 bit
+// patterns as uint16.
+template <class F32, class BF16>
+void def_quantizer(nb::module_& m, const char* name, F32 f32, BF16 bf16, const std::string& what) {
+  const std::string doc = "Rows of weights [rows, columns], float32 values or bf16 bit patterns (uint16), " + what +
+                          "; OverflowError when a block's scale exceeds the f16 range.";
+  m.def(name, f32, "x"_a, doc.c_str());
+  m.def(name, bf16, "x"_a, doc.c_str());
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -591,18 +601,12 @@ NB_MODULE(_core, m) {
         "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8/q4 "
         "rows of blocks as bytes [out, row bytes]; activations='bf16': x rounded to bf16 first, as "
         "load(..., activations='bf16') does).");
-  const char* q8_doc =
-      "Rows of weights [rows, columns], float32 values or bf16 bit patterns (uint16), as q8 blocks [rows, "
-      "blocks * 34 bytes], by the converter's rule (formats.dtypes.quantize_q8 gives the same bytes); "
-      "OverflowError when a block's scale exceeds the f16 range.";
-  m.def("quantize_q8_weights", &quantize_q8_weights<float>, "x"_a, q8_doc);
-  m.def("quantize_q8_weights", &quantize_q8_weights<uint16_t>, "x"_a, q8_doc);
-  const char* q4_doc =
-      "Rows of weights [rows, columns], float32 values or bf16 bit patterns (uint16), as q4 blocks [rows, "
-      "blocks * 144 bytes], by the converter's rule (formats.dtypes.quantize_q4 gives the same bytes), over "
-      "every core; OverflowError when a block's scale exceeds the f16 range.";
-  m.def("quantize_q4_weights", &quantize_q4_weights<float>, "x"_a, q4_doc);
-  m.def("quantize_q4_weights", &quantize_q4_weights<uint16_t>, "x"_a, q4_doc);
+  def_quantizer(m, "quantize_q8_weights", &quantize_q8_weights<float>, &quantize_q8_weights<uint16_t>,
+                "as q8 blocks [rows, blocks * 34 bytes], by the converter's rule (formats.dtypes.quantize_q8 gives "
+                "the same bytes)");
+  def_quantizer(m, "quantize_q4_weights", &quantize_q4_weights<float>, &quantize_q4_weights<uint16_t>,
+                "as q4 blocks [rows, blocks * 144 bytes], by the converter's rule (formats.dtypes.quantize_q4 gives "
+                "the same bytes), over every core");
   m.def("quantize_q8", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
           const size_t n = x.shape(0);
           std::vector<q3p::BlockQ8Act> blocks(q3p::q8_blocks(n));
