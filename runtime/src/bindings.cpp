@@ -507,10 +507,7 @@ using WeightRows = nb::ndarray<const T, nb::ndim<2>, nb::c_contig, nb::device::c
 const float* f32_row(const float* rows, size_t r, size_t n, std::vector<float>&) { return rows + r * n; }
 const float* f32_row(const uint16_t* rows, size_t r, size_t n, std::vector<float>& scratch) {
   scratch.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(rows[r * n + i]) << 16;
-    std::memcpy(&scratch[i], &bits, sizeof(float));
-  }
+  q3p::to_f32(rows + r * n, q3p::DType::BF16, scratch.data(), n);
   return scratch.data();
 }
 
