@@ -151,11 +151,11 @@ def _read_at(f, offset, length, what):
 
 
 def _advise(f, advice, length=0):
-    """posix_fadvise on [0, length) of `f` (0: all of it) where the system has it (not macOS).
-    Advice only: where it is not taken, nothing else changes."""
+    """posix_fadvise(os.POSIX_FADV_<advice>) on [0, length) of `f` (0: all of it) where the system
+    has it (not macOS). Advice only: where it is not taken, nothing else changes."""
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
-            os.posix_fadvise(f.fileno(), 0, length, advice)
+            os.posix_fadvise(f.fileno(), 0, length, getattr(os, f"POSIX_FADV_{advice}"))
 
 
 def read_rank_file(path):
@@ -167,10 +167,10 @@ def read_rank_file(path):
         # folios at the start of the file would keep a model from reading its first 2 MB block, and
         # (through the readahead they start) many after it, in one 2 MB folio, which it maps in one
         # TLB entry (README, "Weights in 2 MB pages"). Pages a running model maps stay.
-        _advise(f, os.POSIX_FADV_RANDOM)
+        _advise(f, "RANDOM")
         prefix = read_prefix(f, what)
         encoded = _read_at(f, PREFIX.size, prefix.header_length, what)
-        _advise(f, os.POSIX_FADV_DONTNEED, prefix.data_offset)
+        _advise(f, "DONTNEED", prefix.data_offset)
     if _core.crc32c(encoded) != prefix.header_crc32c:
         raise FormatError(f"{what}: header checksum mismatch (the header is damaged)")
     header = parse_json(encoded, f"{what}: header", FormatError)
