@@ -131,10 +131,13 @@ class RankFileWriter:
 
     def _free_block(self):
         if not self._free_blocks:
-            future, block = self._writing.popleft()
-            future.result()
-            self._free_blocks.append(block)
+            self._finish_oldest_write()
         return self._free_blocks.pop()
+
+    def _finish_oldest_write(self):
+        future, block = self._writing.popleft()
+        self._free_blocks.append(block)
+        future.result()
 
     def _submit_block(self):
         if self._block_index is None:
@@ -160,9 +163,7 @@ class RankFileWriter:
 
     def _wait_for_writes(self):
         while self._writing:
-            future, block = self._writing.popleft()
-            self._free_blocks.append(block)
-            future.result()
+            self._finish_oldest_write()
 
     @staticmethod
     def _pwrite(fd, offset, view):
