@@ -472,6 +472,17 @@ def _tool_call(body):
     return ToolCall(call["name"], arguments)
 
 
+def reusable_tokens(held_ids, prompt_ids):
+    """How many of prompt_ids a KV cache that holds the tokens held_ids can keep: their common
+    prefix, short of the last prompt token, which is fed again for its logits."""
+    common = 0
+    for held, new in zip(held_ids, prompt_ids):
+        if held != new:
+            break
+        common += 1
+    return min(common, len(prompt_ids) - 1)
+
+
 class ChatSession:
     """A conversation that keeps the KV cache of its tokens: each turn renders the whole
     conversation, reuses the cache for the longest common token prefix with what the cache holds,
@@ -532,12 +543,7 @@ class ChatSession:
 
     def _reuse(self, prompt_ids):
         """Cuts the cache back to the longest common prefix with prompt_ids; returns its length."""
-        common = 0
-        for cached, new in zip(self._cached, prompt_ids):
-            if cached != new:
-                break
-            common += 1
-        common = min(common, len(prompt_ids) - 1)  # the last prompt token is fed again for its logits
+        common = reusable_tokens(self._cached, prompt_ids)
         try:
             self._session.truncate(common)
         except ValueError:  # sliding-window layers cannot go back: start again

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from .runtime.text import reusable_tokens
+
 log = logging.getLogger("qwen3pack.server")
 
 
@@ -153,15 +155,8 @@ class Scheduler:
         """(a session, how many of prompt_ids its cache holds): the kept session with the longest
         common prefix, cut back to it, else a new one. The last prompt token is always computed:
         its logits are needed."""
-        def common(kept):
-            n = 0
-            for held, new in zip(kept[0], prompt_ids):
-                if held != new:
-                    break
-                n += 1
-            return min(n, len(prompt_ids) - 1)
-        best = max(self._kept, key=common, default=None)
-        reused = 0 if best is None else common(best)
+        best = max(self._kept, key=lambda kept: reusable_tokens(kept[0], prompt_ids), default=None)
+        reused = 0 if best is None else reusable_tokens(best[0], prompt_ids)
         if reused > 0:
             self._kept.remove(best)
             try:
