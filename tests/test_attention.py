@@ -1,6 +1,8 @@
 """Attention in tiles with an online softmax, for every instruction set this machine runs
 (QWEN3PACK_ISA), against a plain numpy softmax; the same bits for a token whatever its batch; and
-the bf16 KV cache: what it costs in accuracy, and that it halves the cache."""
+the bf16 KV cache: what it costs in accuracy, and that it halves the cache; the cache's blocks."""
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -184,10 +186,13 @@ def test_the_bf16_kv_cache_stays_close_to_f32(measured):
     assert np.abs(f32 - bf16).max() > 0  # the keys and values really are rounded
 
 
+SLOT_BYTES = 2 * 2 * 32 * 4  # a position of a layer in the f32 cache: keys and values, 2 KV heads of 32 values
+
+
 def test_the_bf16_kv_cache_holds_half_the_bytes(measured):
     _, _, f32_bytes, bf16_bytes = measured
-    # 3 layers x (K + V) x 2 KV heads x 32 values, f32: full layer up to its grown size, rings of 37.
-    assert f32_bytes >= LONG * 2 * 2 * 32 * 4
+    # 250 positions: the full layer in 4 blocks of TILE, the two sliding layers' rings of 37.
+    assert f32_bytes == (4 * TILE + 2 * 37) * SLOT_BYTES
     assert bf16_bytes * 2 == f32_bytes
 
 
@@ -204,6 +209,63 @@ def test_bf16_sessions_fork_truncate_and_reset(sliding_model):
         np.testing.assert_array_equal(s.append(ids[100:101]), want[100])
         s.reset()
         np.testing.assert_array_equal(s.append(ids[:10]), want[9])
+
+
+def test_a_full_layer_grows_by_blocks_of_a_tile_of_positions_up_to_max_context(sliding_model):
+    # Nothing is copied as a sequence grows; a sliding layer's ring is allocated whole.
+    max_context = 2 * TILE + 5
+    rings = 2 * 37 * SLOT_BYTES
+    with runtime.load(sliding_model, threads=1, max_context=max_context) as m:
+        s = m.session()
+        assert s.kv_cache_bytes == 0
+        for appended, full_layer_slots in ((1, TILE), (TILE - 1, TILE), (1, 2 * TILE), (TILE - 1, 2 * TILE),
+                                           (1, max_context), (4, max_context)):
+            s.append(ids_of(appended, appended))
+            assert s.kv_cache_bytes == rings + full_layer_slots * SLOT_BYTES, s.position
+        assert s.fork().kv_cache_bytes == s.kv_cache_bytes
+
+
+def test_sessions_on_the_blocks_of_dropped_sessions_compute_what_a_fresh_model_does(sliding_model):
+    # A model keeps the blocks of the caches it drops for its next ones, with the keys and values
+    # they held: a cache reads only what it wrote.
+    max_context = 2 * TILE + 5
+    ids = ids_of(max_context, 12)
+    with runtime.load(sliding_model, threads=1, max_context=max_context) as fresh:
+        want = fresh.logits(ids)
+    with runtime.load(sliding_model, threads=1, max_context=max_context) as m:
+        for seed in range(3):
+            s = m.session()
+            s.append(ids_of(max_context - 1 - seed, 20 + seed))
+            s.fork().append([seed])
+            del s
+        np.testing.assert_array_equal(m.logits(ids), want)
+        s = m.session()
+        for i, token in enumerate(ids):
+            np.testing.assert_array_equal(s.append([token]), want[i])
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def anon_huge_bytes():
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no AnonHugePages in /proc/self/smaps_rollup")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages")
+def test_a_block_of_2mb_or_more_is_mapped_in_2mb_pages(tmp_path):
+    # 8 layers x 4 KV heads x (K + V) x TILE positions x 128 values x 4 bytes = 2 MB a block
+    source = make_checkpoint(tmp_path / "hf", num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                             head_dim=128)
+    convert(source, tmp_path / "model", tp=1)
+    with runtime.load(tmp_path / "model", threads=1) as m:
+        s = m.session()
+        before = anon_huge_bytes()
+        s.append(ids_of(TILE + 1, 13))  # two blocks
+        assert s.kv_cache_bytes == 2 * (2 << 20)
+        assert anon_huge_bytes() - before >= 2 * (2 << 20)
 
 
 def test_kv_dtype_is_checked_at_load(sliding_model):

@@ -297,7 +297,10 @@ struct Session {
   std::shared_ptr<q3p::Engine> engine;
   std::unique_ptr<q3p::KVCache> cache;
   ~Session() {
-    if (engine && engine->forked()) abandon(engine);
+    if (engine && engine->forked()) {
+      (void)cache.release();  // its blocks would go to the engine's pool, whose lock a parent's thread may hold
+      abandon(engine);
+    }
   }
 };
 

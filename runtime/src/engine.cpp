@@ -101,11 +101,12 @@ void Engine::close() {
   files_.clear();
   work_.clear();
   gathered_ = {};
+  kv_pool_.close();
 }
 
 std::unique_ptr<KVCache> Engine::new_cache() {
   if (closed_) throw ClosedError("the model is closed");
-  return std::make_unique<KVCache>(&kv_geometry_, id_);
+  return std::make_unique<KVCache>(&kv_geometry_, &kv_pool_, id_);
 }
 
 std::unique_ptr<KVCache> Engine::copy_cache(const KVCache& cache) {
@@ -438,6 +439,8 @@ void Engine::store_kv(int rank, int64_t layer, KVCache& cache, size_t t, int64_t
     }
   }
 }
+
+static_assert(kKVBlock % static_cast<int64_t>(kAttentionTile) == 0, "a tile of attention must lie in one block of the KV cache");
 
 // The queries of token t (at position pos) in the local heads that share KV head g, against the
 // cached keys they may see, positions [lo, pos]: only those tiles are visited (none is masked),

@@ -138,6 +138,7 @@ class Engine {
   uint64_t id_;
   uint64_t forks_at_creation_ = 0;
   KVGeometry kv_geometry_;
+  KVBlockPool kv_pool_;
   RopeTables rope_;
   float attn_scale_;
   Kernels kernels_;

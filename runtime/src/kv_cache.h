@@ -1,18 +1,29 @@
-// The keys and values of one sequence, for every rank and layer. A full-attention layer keeps
-// every position (growing on demand up to max_context); a sliding layer keeps a ring of
-// min(window, max_context) slots: position p lives in slot p % ring. Each KV head has its own
-// buffers, its positions consecutive: attention streams one head's keys and values in address
-// order (rows of all the heads of a position put each head's rows a page apart, one TLB miss and
-// one cold start of the prefetcher per position). Keys and values are stored as f32 or, to halve
-// the memory, as bf16 (rounded to nearest even when written).
+// The keys and values of one sequence, for every rank and layer. Each KV head has its own rows,
+// positions consecutive: attention streams one head's keys and values in address order (rows of
+// all the heads of a position put each head's rows a page apart, one TLB miss and one cold start
+// of the prefetcher per position). Keys and values are stored as f32 or, to halve the memory, as
+// bf16 (rounded to nearest even when written).
+//
+// Full-attention layers keep every position, in blocks of kKVBlock positions: one allocation per
+// block holds those positions of every rank, full layer and KV head, so a sequence grows a block
+// at a time and nothing is ever copied. A block of 2 MB or more is mapped in 2 MB pages (one TLB
+// entry where 4 KB pages take 512); see kv_cache.cpp for what that measured. A sliding layer keeps
+// a ring of min(window, max_context) slots, allocated whole (position p lives in slot p % ring).
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "common.h"
 
 namespace q3p {
+
+// Positions per block of the full layers: the attention tile (kernels.h), so that a tile, which
+// ends at a multiple of it, never spans two blocks (engine.cpp checks the two agree).
+constexpr int64_t kKVBlock = 64;
 
 struct KVGeometry {
   int world_size = 1;
@@ -25,9 +36,58 @@ struct KVGeometry {
   DType dtype = DType::F32;   // of the stored keys and values: F32 or BF16
 };
 
+// Zeroed anonymous memory (none for 0 bytes), mapped in 2 MB pages where it spans one (see kv_cache.cpp).
+class PageRegion {
+ public:
+  explicit PageRegion(size_t bytes);
+  ~PageRegion();
+  PageRegion(PageRegion&& o) noexcept { swap(o); }
+  PageRegion& operator=(PageRegion&& o) noexcept {
+    swap(o);
+    return *this;
+  }
+  PageRegion(const PageRegion&) = delete;
+  PageRegion& operator=(const PageRegion&) = delete;
+
+  uint8_t* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void swap(PageRegion& o) noexcept {
+    std::swap(map_, o.map_);
+    std::swap(map_bytes_, o.map_bytes_);
+    std::swap(data_, o.data_);
+    std::swap(bytes_, o.bytes_);
+  }
+
+  void* map_ = nullptr;  // the whole mapping, alignment slack included
+  size_t map_bytes_ = 0;
+  uint8_t* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// The blocks of dropped caches, kept for a model's next caches. A block's first use costs its
+// page faults (see kv_cache.cpp), which a program calling generate() in a loop, or a server,
+// would otherwise pay for every sequence. The engine empties it when the model is closed.
+class KVBlockPool {
+ public:
+  // A kept block of `bytes` (its old contents: a cache reads only the slots it wrote), or a new one.
+  PageRegion take(size_t bytes);
+  void give(std::vector<PageRegion>& blocks);  // takes them all; after close(), frees them
+  void close();
+
+ private:
+  std::mutex mu_;
+  std::vector<PageRegion> free_;
+  bool closed_ = false;
+};
+
 class KVCache {
  public:
-  KVCache(const KVGeometry* geometry, uint64_t owner);
+  KVCache(const KVGeometry* geometry, KVBlockPool* pool, uint64_t owner);
+  KVCache(const KVCache& other);  // a copy of every allocated block
+  KVCache& operator=(const KVCache&) = delete;
+  ~KVCache();
 
   uint64_t owner() const { return owner_; }
   int64_t position() const { return position_; }
@@ -43,35 +103,43 @@ class KVCache {
     const int64_t r = ring(layer);
     return r ? pos % r : pos;
   }
-  // The head_dim values (of dtype()) of KV head `head` at `slot`; the next slot's follow them.
-  void* keys(int rank, int64_t layer, int64_t head, int64_t slot) {
-    return buf(rank, layer, head).k.data() + static_cast<size_t>(slot) * row_bytes();
-  }
-  void* values(int rank, int64_t layer, int64_t head, int64_t slot) {
-    return buf(rank, layer, head).v.data() + static_cast<size_t>(slot) * row_bytes();
-  }
+  // The head_dim values (of dtype()) of KV head `head` at `slot`; the next slot's follow them
+  // up to the end of the ring, or of the block (a multiple of kKVBlock) in a full layer.
+  void* keys(int rank, int64_t layer, int64_t head, int64_t slot) { return row(rank, layer, head, slot, false); }
+  void* values(int rank, int64_t layer, int64_t head, int64_t slot) { return row(rank, layer, head, slot, true); }
   DType dtype() const { return g_->dtype; }
   // The memory held for keys and values, in bytes.
   size_t bytes() const;
 
  private:
-  struct Buffer {
-    std::vector<uint8_t> k, v;
-    int64_t slots = 0;
-  };
-  Buffer& buf(int rank, int64_t layer, int64_t head) {
-    return buffers_[(static_cast<size_t>(rank) * static_cast<size_t>(g_->layers) + static_cast<size_t>(layer)) *
-                        static_cast<size_t>(g_->heads) +
-                    static_cast<size_t>(head)];
+  size_t row_bytes() const { return static_cast<size_t>(g_->head_dim) * dtype_size(g_->dtype); }
+  // Slots in full-layer block b: kKVBlock, fewer in a last block cut at max_context.
+  int64_t block_slots(size_t b) const {
+    return std::min<int64_t>(kKVBlock, g_->max_context - static_cast<int64_t>(b) * kKVBlock);
+  }
+  // A block (or the rings) holds, for each rank, layer of its kind and KV head in turn, `slots`
+  // rows of keys and then `slots` rows of values.
+  uint8_t* row(int rank, int64_t layer, int64_t head, int64_t slot, bool value) {
+    const size_t l = static_cast<size_t>(layer);
+    const bool sliding = rings_[l] != 0;
+    const size_t kind_layers = sliding ? sliding_layers_ : full_layers_;
+    const size_t b = sliding ? 0 : static_cast<size_t>(slot / kKVBlock);
+    const int64_t slots = sliding ? rings_[l] : block_slots(b);
+    const size_t head_index = (static_cast<size_t>(rank) * kind_layers + index_in_kind_[l]) * static_cast<size_t>(g_->heads) +
+                              static_cast<size_t>(head);
+    const size_t r = (2 * head_index + value) * static_cast<size_t>(slots) + static_cast<size_t>(sliding ? slot : slot % kKVBlock);
+    return (sliding ? rings_region_ : blocks_[b]).data() + r * row_bytes();
   }
 
-  size_t row_bytes() const { return static_cast<size_t>(g_->head_dim) * dtype_size(g_->dtype); }
-
   const KVGeometry* g_;
+  KVBlockPool* pool_;
   uint64_t owner_;
   int64_t position_ = 0;
-  std::vector<int64_t> rings_;
-  std::vector<Buffer> buffers_;  // [rank][layer][KV head]
+  std::vector<int64_t> rings_;         // per layer: 0 for a full layer
+  std::vector<size_t> index_in_kind_;  // per layer: its index among the full or the sliding layers
+  size_t full_layers_ = 0, sliding_layers_ = 0;
+  std::vector<PageRegion> blocks_;     // of the full layers, positions [kKVBlock b, kKVBlock (b + 1))
+  PageRegion rings_region_{0};         // of the sliding layers
 };
 
 }  // namespace q3p
