@@ -254,18 +254,40 @@ def anon_huge_bytes():
     raise AssertionError("no AnonHugePages in /proc/self/smaps_rollup")
 
 
+@pytest.fixture(scope="module")
+def model_of_2mb_blocks(tmp_path_factory):
+    """8 layers x 4 KV heads x (K + V) x TILE positions x 128 values x 4 bytes: 2 MB a block."""
+    source = make_checkpoint(tmp_path_factory.mktemp("hf"), num_hidden_layers=8, num_attention_heads=8,
+                             num_key_value_heads=4, head_dim=128)
+    out = tmp_path_factory.mktemp("q3p") / "model"
+    convert(source, out, tp=1)
+    return out
+
+
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages")
-def test_a_block_of_2mb_or_more_is_mapped_in_2mb_pages(tmp_path):
-    # 8 layers x 4 KV heads x (K + V) x TILE positions x 128 values x 4 bytes = 2 MB a block
-    source = make_checkpoint(tmp_path / "hf", num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                             head_dim=128)
-    convert(source, tmp_path / "model", tp=1)
-    with runtime.load(tmp_path / "model", threads=1) as m:
+def test_a_block_of_2mb_or_more_is_mapped_in_2mb_pages(model_of_2mb_blocks):
+    with runtime.load(model_of_2mb_blocks, threads=1) as m:
         s = m.session()
         before = anon_huge_bytes()
         s.append(ids_of(TILE + 1, 13))  # two blocks
         assert s.kv_cache_bytes == 2 * (2 << 20)
         assert anon_huge_bytes() - before >= 2 * (2 << 20)
+
+
+def test_a_block_is_one_mapping_of_the_process(model_of_2mb_blocks):
+    # Its 2 MB alignment's slack is unmapped: a process has at most vm.max_map_count mappings
+    # (65530), and a long sequence is hundreds of blocks.
+    def mappings():
+        return len(Path("/proc/self/maps").read_text().splitlines())
+
+    with runtime.load(model_of_2mb_blocks, threads=1) as m:
+        s = m.session()
+        s.append(ids_of(TILE, 14))  # the first block, and the engine's buffers for TILE tokens
+        before = mappings()
+        for seed in range(6):
+            s.append(ids_of(TILE, 15 + seed))
+        assert s.kv_cache_bytes == 7 * (2 << 20)
+        assert mappings() - before <= 6
 
 
 def test_kv_dtype_is_checked_at_load(sliding_model):

@@ -1,6 +1,7 @@
 #include "kv_cache.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <new>
@@ -21,23 +22,27 @@ constexpr size_t kHugePage = size_t{2} << 20;
 // against 8 ms in 4 KB pages, 1.5 ms once the host has backed it): hence the pool.
 PageRegion::PageRegion(size_t bytes) : bytes_(bytes) {
   if (bytes == 0) return;
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const size_t mapped = (bytes + page - 1) / page * page;
   const bool huge = bytes >= kHugePage;
-  map_bytes_ = bytes + (huge ? kHugePage : 0);  // the slack before the boundary is never touched
-  void* p = ::mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) {
-    map_bytes_ = 0;
-    throw std::bad_alloc();
-  }
-  map_ = p;
+  const size_t slack = huge ? kHugePage : 0;  // room to start on a 2 MB boundary
+  void* p = ::mmap(nullptr, mapped + slack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
   const uintptr_t start = reinterpret_cast<uintptr_t>(p);
-  data_ = reinterpret_cast<uint8_t*>(huge ? (start + kHugePage - 1) & ~(kHugePage - 1) : start);
+  const uintptr_t aligned = huge ? (start + kHugePage - 1) & ~(kHugePage - 1) : start;
+  // The slack is unmapped, so that a block is one mapping of the process's 65530 (vm.max_map_count;
+  // a 40960-token sequence of Qwen3-0.6B is 640 blocks).
+  if (aligned > start) ::munmap(p, aligned - start);
+  if (start + slack > aligned) ::munmap(reinterpret_cast<void*>(aligned + mapped), start + slack - aligned);
+  data_ = reinterpret_cast<uint8_t*>(aligned);
+  mapped_ = mapped;
 #ifdef MADV_HUGEPAGE
-  if (huge) ::madvise(data_, bytes, MADV_HUGEPAGE);  // advice only: without transparent huge pages, 4 KB pages
+  if (huge) ::madvise(data_, mapped, MADV_HUGEPAGE);  // advice only: without transparent huge pages, 4 KB pages
 #endif
 }
 
 PageRegion::~PageRegion() {
-  if (map_) ::munmap(map_, map_bytes_);
+  if (data_) ::munmap(data_, mapped_);
 }
 
 PageRegion KVBlockPool::take(size_t bytes) {

@@ -54,16 +54,14 @@ class PageRegion {
 
  private:
   void swap(PageRegion& o) noexcept {
-    std::swap(map_, o.map_);
-    std::swap(map_bytes_, o.map_bytes_);
     std::swap(data_, o.data_);
     std::swap(bytes_, o.bytes_);
+    std::swap(mapped_, o.mapped_);
   }
 
-  void* map_ = nullptr;  // the whole mapping, alignment slack included
-  size_t map_bytes_ = 0;
   uint8_t* data_ = nullptr;
   size_t bytes_ = 0;
+  size_t mapped_ = 0;  // bytes_ rounded up to whole pages
 };
 
 // The blocks of dropped caches, kept for a model's next caches. A block's first use costs its
