@@ -105,6 +105,26 @@ def test_with_bf16_activations_a_token_gives_the_same_bits_alone_or_in_any_batch
         assert np.array_equal(_core.matmul(x[a:b], stored, "bf16", isa, "bf16"), full[a:b])
 
 
+def test_silu_is_within_a_few_ulp_of_float64_over_the_whole_range():
+    # Below -87.3, where exp(-g) leaves f32, silu is -0 (its value is smaller than 1e-35 there).
+    gate = np.concatenate([np.linspace(-100, 100, 20001, dtype=np.float32),
+                           np.float32([0.0, -0.0, 1e-30, -1e-30, 87.3, -87.3, 88.8, -88.8, 1e38, -1e38])])
+    up = np.random.default_rng(0).uniform(0.5, 2.0, gate.size).astype(np.float32)
+    g = gate.astype(np.float64)
+    with np.errstate(over="ignore"):
+        want = g / (1.0 + np.exp(-g)) * up.astype(np.float64)
+    got = _core.silu_mul(gate, up).astype(np.float64)
+    ulp = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(got - want) <= 4 * ulp + 1e-35), np.max((np.abs(got - want) - 1e-35) / ulp)
+
+
+def test_silu_keeps_the_infinities_and_nan_of_its_formula():
+    # silu(inf) = inf, silu(-inf) = -inf / inf = nan, as g / (1 + exp(-g)) gives; NaN stays NaN, so
+    # that the engine's finiteness check names the step.
+    got = _core.silu_mul(np.float32([np.inf, -np.inf, np.nan]), np.float32([2.0, 2.0, 2.0]))
+    assert got[0] == np.inf and np.isnan(got[1]) and np.isnan(got[2])
+
+
 def test_matmul_checks_its_arguments():
     x = np.ones((2, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="w must be"):

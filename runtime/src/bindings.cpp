@@ -458,6 +458,14 @@ nb::ndarray<nb::numpy, uint16_t> to_bf16(nb::ndarray<const float, nb::ndim<1>, n
   return make_array(std::move(bits), {x.shape(0)});
 }
 
+FloatArray silu_mul(nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> gate,
+                    nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> up) {
+  if (gate.shape(0) != up.shape(0)) throw q3p::UsageError("gate and up must have the same length");
+  std::vector<float> out(gate.shape(0));
+  q3p::silu_mul(gate.data(), up.data(), out.data(), out.size());
+  return make_array(std::move(out), {gate.shape(0)});
+}
+
 double fma_peak_flops(const std::string& isa, double seconds, const std::string& activations) {
   const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
   if (activations != "f32" && activations != "bf16")
@@ -597,6 +605,7 @@ NB_MODULE(_core, m) {
         "Attention of q [G, D] over k, v [n, ld] at positions [first, first + n), tiled as the engine does.");
   m.attr("ATTENTION_TILE") = q3p::kAttentionTile;
   m.def("to_bf16", &to_bf16, "x"_a, "float32 values rounded to bf16 (ties to even), as uint16 bit patterns.");
+  m.def("silu_mul", &silu_mul, "gate"_a, "up"_a, "silu(gate) * up, as the MLP computes it.");
   m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a, "activations"_a = "f32",
         "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8/q4 "
         "rows of blocks as bytes [out, row bytes]; activations='bf16': x rounded to bf16 first, as "

@@ -1,6 +1,7 @@
 // The portable matrix product: plain C++ that any compiler vectorizes as far as the baseline
 // target allows. It is also the reference the SIMD kernels are tested against.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels_isa.h"
@@ -114,6 +115,19 @@ void attention_tile_generic(const AttentionTile& a) {
     for (size_t d = 0; d < a.D; ++d) out[d] *= correction;
     for (size_t j = 0; j < a.nk; ++j)
       for (size_t d = 0; d < a.D; ++d) out[d] += p[j] * kv_at(a.v, a.kv, j * a.ld + d);
+  }
+}
+
+// g sigmoid(g) from e = exp(-|g|), in (0, 1] (no overflow): sigmoid(g) = 1 / (1 + e) for g >= 0,
+// e / (1 + e) below. Branch-free, so that the compiler vectorizes it, where libm's expf took a call
+// an element (3.9% of a 512-token prefill). With rmsnorm's partial sums, measured against the
+// scalar code (0.6B shapes, paired fresh processes, medians of 5-6): 512-token prefill with bf16
+// activations at two threads 1.04x, f32 at one 1.01x; q4 decode at one thread 1.05x.
+void silu_mul(const float* gate, const float* up, float* out, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    const float e = exp_nonpositive(-std::fabs(g));
+    out[i] = g * ((g >= 0.0f ? 1.0f : e) / (1.0f + e)) * up[i];
   }
 }
 
