@@ -58,12 +58,13 @@ PageRegion KVBlockPool::take(size_t bytes) {
   return PageRegion(bytes);
 }
 
-void KVBlockPool::give(std::vector<PageRegion>& blocks) {
+void KVBlockPool::give(PageRegion&& block) noexcept {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!closed_)
-    for (PageRegion& block : blocks)
-      if (block.bytes()) free_.push_back(std::move(block));
-  blocks.clear();
+  if (closed_ || !block.bytes()) return;
+  try {
+    free_.push_back(std::move(block));
+  } catch (const std::bad_alloc&) {  // no room to keep it: the block is freed
+  }
 }
 
 void KVBlockPool::close() {
@@ -116,8 +117,8 @@ void KVCache::reserve(int64_t end) {
 }
 
 KVCache::~KVCache() {
-  blocks_.push_back(std::move(rings_region_));
-  pool_->give(blocks_);
+  for (PageRegion& block : blocks_) pool_->give(std::move(block));
+  pool_->give(std::move(rings_region_));
 }
 
 size_t KVCache::bytes() const {

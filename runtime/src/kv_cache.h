@@ -71,7 +71,7 @@ class KVBlockPool {
  public:
   // A kept block of `bytes` (its old contents: a cache reads only the slots it wrote), or a new one.
   PageRegion take(size_t bytes);
-  void give(std::vector<PageRegion>& blocks);  // takes them all; after close(), frees them
+  void give(PageRegion&& block) noexcept;  // after close() (or without memory to keep it), frees it
   void close();
 
  private:
