@@ -9,7 +9,7 @@ import pytest
 
 from qwen3pack import _core, runtime
 from qwen3pack.convert import convert
-from qwen3pack.testing import make_checkpoint
+from qwen3pack.testing import huge_pages_enabled, make_checkpoint
 
 ISAS = _core.supported_isas()
 TILE = _core.ATTENTION_TILE
@@ -244,9 +244,6 @@ def test_sessions_on_the_blocks_of_dropped_sessions_compute_what_a_fresh_model_d
             np.testing.assert_array_equal(s.append([token]), want[i])
 
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
 def anon_huge_bytes():
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
         if line.startswith("AnonHugePages:"):
@@ -264,7 +261,7 @@ def model_of_2mb_blocks(tmp_path_factory):
     return out
 
 
-@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages")
+@pytest.mark.skipif(not huge_pages_enabled(), reason="no transparent huge pages")
 def test_a_block_of_2mb_or_more_is_mapped_in_2mb_pages(model_of_2mb_blocks):
     with runtime.load(model_of_2mb_blocks, threads=1) as m:
         s = m.session()

@@ -14,9 +14,8 @@ import qwen3pack
 from qwen3pack.cli import main
 from qwen3pack.convert import convert
 from qwen3pack.formats.rankfile import WRITE_BLOCK
-from qwen3pack.testing import mappings_of, share_in_2mb_folios
+from qwen3pack.testing import TRANSPARENT_HUGE_PAGES, huge_pages_enabled, mappings_of, share_in_2mb_folios
 
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -122,7 +121,7 @@ def test_a_block_that_cannot_be_written_is_one_error_line_and_leaves_nothing(sou
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages")
+@pytest.mark.skipif(not huge_pages_enabled(), reason="no transparent huge pages")
 def test_a_model_loaded_right_after_conversion_maps_its_weights_in_2mb_pages(source, tmp_path):
     # Whether the kernel and filesystem keep a file's page cache in folios as large as the writes
     # (Linux 6.x: ext4, xfs, btrfs, tmpfs with huge pages) is seen on a file of our own first.
@@ -144,7 +143,7 @@ def test_a_model_loaded_right_after_conversion_maps_its_weights_in_2mb_pages(sou
     model.close()
 
 
-@pytest.mark.skipif(not THP.exists(), reason="no transparent huge pages")
+@pytest.mark.skipif(not TRANSPARENT_HUGE_PAGES.exists(), reason="no transparent huge pages")
 def test_the_runtime_asks_for_huge_pages_on_its_mapping_of_the_rank_files(source, tmp_path):
     convert(source, tmp_path / "out", tp=2)
     model = qwen3pack.load(tmp_path / "out", max_context=16)

@@ -363,6 +363,15 @@ def transformers_logits(source, prompts):
         return np.concatenate([model(torch.tensor([prompt])).logits[0].numpy() for prompt in prompts])
 
 
+TRANSPARENT_HUGE_PAGES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages_enabled():
+    """Whether the kernel gives 2 MB pages to memory that asks for them (transparent huge pages,
+    not "never")."""
+    return TRANSPARENT_HUGE_PAGES.exists() and "[never]" not in TRANSPARENT_HUGE_PAGES.read_text()
+
+
 def mappings_of(path):
     """{field: value} of each of this process's mappings of `path`, from /proc/self/smaps (sizes in
     kB; "VmFlags" as the list of its flags)."""
