@@ -79,7 +79,7 @@ KVCache::KVCache(const KVGeometry* g, KVBlockPool* pool, uint64_t owner) : g_(g)
   for (int64_t l = 0; l < g->layers; ++l) {
     const size_t i = static_cast<size_t>(l);
     if (g->sliding[i]) {
-      rings_[i] = std::min(g->window, g->max_context);
+      rings_[i] = ring_slots();
       index_in_kind_[i] = sliding_layers_++;
     } else {
       index_in_kind_[i] = full_layers_++;
@@ -109,7 +109,7 @@ void KVCache::reserve(int64_t end) {
   // The keys and values of one slot of a layer: every rank, every KV head.
   const size_t slot_bytes = 2 * static_cast<size_t>(g_->world_size) * static_cast<size_t>(g_->heads) * row_bytes();
   if (sliding_layers_ && !rings_region_.bytes())
-    rings_region_ = pool_->take(sliding_layers_ * static_cast<size_t>(std::min(g_->window, g_->max_context)) * slot_bytes);
+    rings_region_ = pool_->take(sliding_layers_ * static_cast<size_t>(ring_slots()) * slot_bytes);
   if (!full_layers_) return;
   const size_t blocks = static_cast<size_t>((std::min(end, g_->max_context) + kKVBlock - 1) / kKVBlock);
   while (blocks_.size() < blocks)

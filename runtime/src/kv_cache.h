@@ -111,6 +111,8 @@ class KVCache {
 
  private:
   size_t row_bytes() const { return static_cast<size_t>(g_->head_dim) * dtype_size(g_->dtype); }
+  // Slots in a sliding layer's ring.
+  int64_t ring_slots() const { return std::min(g_->window, g_->max_context); }
   // Slots in full-layer block b: kKVBlock, fewer in a last block cut at max_context.
   int64_t block_slots(size_t b) const {
     return std::min<int64_t>(kKVBlock, g_->max_context - static_cast<int64_t>(b) * kKVBlock);
