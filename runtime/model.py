@@ -18,11 +18,11 @@ ForkedError = _core.ForkedError        # a model used in a child forked after it
 NumericalError = _core.NumericalError  # NaN or Inf logits
 VERIFY_MODES = ("quick", "full")
 BACKENDS = ("threads", "mpi")
-KV_DTYPES = ("f32", "bf16")
-ACTIVATIONS = ("f32", "bf16")
+KV_DTYPES = ("auto", "f32", "bf16")
+ACTIVATIONS = ("auto", "f32", "bf16")
 
 
-def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f32", activations="f32",
+def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="auto", activations="auto",
          backend="threads", ranks_per_process=1):
     """Opens a converted directory and maps its rank files.
 
@@ -35,7 +35,8 @@ def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f3
     costs in accuracy). activations: "f32" multiplies the weights by f32 activations
     (transformers' logits within 1e-4); "bf16" (bf16 models only) rounds each matrix product's
     input to bf16 once, for the CPU's bf16 dot product: prefill about twice as fast, logits within
-    the bound the README's performance section states.
+    the bound the README's performance section states. "auto" (both): the model's own precision,
+    see `precision`.
 
     backend: "threads" computes every rank in this process; "mpi" (under mpiexec, with the
     qwen3pack[mpi] extra) computes ranks_per_process ranks in each MPI process, which maps only
@@ -58,13 +59,27 @@ def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="f3
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = _positive_int(threads, "threads", MAX_THREADS)
     max_context = _positive_int(max_context, "max_context", MAX_CONTEXT)
-    if backend == "mpi":
+    if backend == "mpi":  # it resolves "auto" from the manifest that every process reads
         return mpi.load(directory, threads, max_context, verify == "full", kv_dtype, activations,
                         ranks_per_process, lambda engine, manifest: Model(engine, manifest, _tokenizer_of(Path(directory))))
     converted = formats.open(directory)
+    kv_dtype, activations = precision(converted.layout, kv_dtype, activations)
     engine = _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
                           verify == "full", kv_dtype, activations == "bf16")
     return Model(engine, converted.manifest, _tokenizer_of(converted.path))
+
+
+def precision(layout, kv_dtype, activations):
+    """The KV cache's dtype and the activations' for a model of `layout`, with "auto" resolved to
+    the weights' own precision, as llama.cpp, vLLM and transformers run a model: bf16 activations
+    for bf16 weights, and a bf16 KV cache for every model but an f32 one (its cost, a KL divergence
+    of 1e-5, is far below that of bf16 or quantized weights). f32 for both keeps the logits within
+    1e-4 of transformers in f32."""
+    if kv_dtype == "auto":
+        kv_dtype = "f32" if layout["dtype"] == "f32" else "bf16"
+    if activations == "auto":
+        activations = "bf16" if layout["dtype"] == "bf16" else "f32"
+    return kv_dtype, activations
 
 
 def _tokenizer_of(directory):
@@ -176,6 +191,7 @@ class Model:
         self.threads = engine.threads
         self.world_size = engine.world_size
         self.kv_dtype = engine.kv_dtype
+        self.activations = engine.activations
 
     @property
     def config(self):
@@ -322,7 +338,7 @@ class Model:
 
     def __repr__(self):
         state = "closed" if self.closed else (f"tp={self.world_size}, threads={self.threads}, max_context={self.max_context}, "
-                                                 f"kv_dtype={self.kv_dtype}")
+                                                 f"kv_dtype={self.kv_dtype}, activations={self.activations}")
         return f"<qwen3pack Model {state}>"
 
 

@@ -99,13 +99,14 @@ def load(directory, threads, max_context, verify_crc, kv_dtype, activations, ran
             f"process {p} has conversion {cid} of tp {tp} with {rpp} ranks per process"
             for p, (cid, tp, rpp) in enumerate(identities)))
     tp = manifest["layout"]["world_size"]
+    from .model import precision, rank_sources  # model imports this module
+    kv_dtype, activations = precision(manifest["layout"], kv_dtype, activations)
     if processes * ranks_per_process != tp:
         raise MpiStartError(f"{directory} was converted for tp {tp}, but {processes} MPI processes with "
                             f"{ranks_per_process} ranks per process hold {processes * ranks_per_process}: run P "
                             f"processes (mpiexec -n P) with --ranks-per-process R where P * R = {tp}")
 
     def start():
-        from .model import rank_sources  # model imports this module
         converted = formats.open(directory, ranks=ranks)
         return _core.Engine(converted.model, converted.layout, rank_sources(converted), threads, max_context,
                             verify_crc, kv_dtype, activations == "bf16", mpi_library=library_path(),

@@ -289,7 +289,7 @@ def test_a_block_is_one_mapping_of_the_process(model_of_2mb_blocks):
 
 def test_kv_dtype_is_checked_at_load(sliding_model):
     for bad in ("f16", "fp32", "BF16", None):
-        with pytest.raises(ValueError, match=r"kv_dtype must be one of \('f32', 'bf16'\)"):
+        with pytest.raises(ValueError, match=r"kv_dtype must be one of \('auto', 'f32', 'bf16'\)"):
             runtime.load(sliding_model, kv_dtype=bad)
     with runtime.load(sliding_model, threads=1) as m:
         assert m.kv_dtype == "f32" and "kv_dtype=f32" in repr(m)

@@ -143,7 +143,8 @@ def test_generate_with_bf16_activations_gives_the_text_of_the_api_with_them(conv
     with qwen3pack.load(converted, threads=1, activations="bf16") as m:
         assert result.stdout == m.complete("Hello", max_tokens=8, temperature=0).text.rstrip("\n") + "\n"
     for command in ("generate", "chat", "serve"):
-        assert "--activations [f32|bf16]" in run(command, "--help").stdout
+        help_text = run(command, "--help").stdout
+        assert "--activations [auto|f32|bf16]" in help_text and "--kv-dtype [auto|f32|bf16]" in help_text
 
 
 @pytest.mark.parametrize("args, message", [

@@ -150,9 +150,28 @@ def test_half_precision_shards_match_transformers_on_the_same_rounded_weights(co
     checkpoint, out = converted("head_dim_not_hidden_over_heads", 2, dtype=dtype, source_dtype=dtype)
     assert qwen3pack.formats.open(out).layout["dtype"] == dtype
     ids = random_ids(32, 384, seed=3)
-    with runtime.load(out, threads=2) as m:
+    with runtime.load(out, threads=2, kv_dtype="f32", activations="f32") as m:  # transformers' precision
         got = m.logits(ids)
     np.testing.assert_allclose(got, hf_logits(checkpoint, ids), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, kv_dtype, activations", [
+    ("f32", "f32", "f32"), ("bf16", "bf16", "bf16"), ("f16", "bf16", "f32"), ("q8", "bf16", "f32")])
+def test_a_model_runs_in_its_own_precision_unless_told_otherwise(converted, dtype, kv_dtype, activations):
+    # "auto", the default: bf16 activations for bf16 weights (as llama.cpp, vLLM and transformers
+    # run a bf16 model) and a bf16 KV cache for any model but an f32 one.
+    _, out = converted("head_dim_not_hidden_over_heads", 1, dtype=dtype)
+    ids = random_ids(20, 384, seed=4)
+    with runtime.load(out, threads=1) as m:
+        assert (m.kv_dtype, m.activations) == (kv_dtype, activations)
+        assert f"kv_dtype={kv_dtype}, activations={activations}>" in repr(m)
+        default = m.logits(ids)
+    with runtime.load(out, threads=1, kv_dtype=kv_dtype, activations=activations) as m:
+        assert np.array_equal(m.logits(ids), default)
+    if dtype == "bf16":
+        with runtime.load(out, threads=1, kv_dtype="f32", activations="f32") as m:
+            assert (m.kv_dtype, m.activations) == ("f32", "f32")
+            assert not np.array_equal(m.logits(ids), default)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -167,7 +167,8 @@ def bench_long_context(converted, p, rng, kv_dtype):
     from . import load
     vocab = formats.open(converted[1]).model["vocab_size"]
     ids = rng.integers(0, vocab, p["long_context"] + p["long_decode"]).tolist()
-    with load(converted[1], threads=LONG_CONTEXT_THREADS, max_context=len(ids), kv_dtype=kv_dtype) as model:
+    with load(converted[1], threads=LONG_CONTEXT_THREADS, max_context=len(ids), kv_dtype=kv_dtype,
+              activations="f32") as model:
         return session_decode_tok_s(model, ids[:p["long_context"]], ids[p["long_context"]:])
 
 
@@ -208,19 +209,19 @@ def mpiexec():
     return launcher if launcher.exists() else None
 
 
-def bench_mpi(directory, quick):
+def bench_mpi(directory, quick, kv_dtype):
     """The MPI figures of the model in `directory` (tp 2), measured by `mpiexec -n 2` processes
     running mpi_process; None without the [mpi] extra."""
     launcher = mpiexec()
     if launcher is None:
         return None
     done = subprocess.run([str(launcher), "-n", str(MPI_PROCESSES), sys.executable, "-m", "qwen3pack.bench",
-                           "--mpi-process", str(directory), *(["--quick"] if quick else [])],
+                           "--mpi-process", str(directory), "--kv-dtype", kv_dtype, *(["--quick"] if quick else [])],
                           check=True, capture_output=True, text=True, timeout=600)
     return json.loads(done.stdout)
 
 
-def mpi_process(directory, quick):
+def mpi_process(directory, quick, kv_dtype):
     """In each process of bench_mpi's run: the all-reduce latency, then decode at batch 1 (process 0
     drives and prints the results as JSON; the others follow it inside load)."""
     from . import _core, load
@@ -230,7 +231,8 @@ def mpi_process(directory, quick):
     hidden = formats.read_manifest(directory)["model"]["hidden_size"]
     all_reduce_s = _core.all_reduce_seconds(hidden, ALL_REDUCE_ITERATIONS // (10 if quick else 1), mpi.library_path(),
                                             MPI.COMM_WORLD.Dup().handle)
-    model = load(directory, backend="mpi", threads=1, max_context=p["prompt"] + p["decode"] + 1)
+    model = load(directory, backend="mpi", threads=1, max_context=p["prompt"] + p["decode"] + 1, kv_dtype=kv_dtype,
+                 activations="f32")  # as the threads' tp 2 run it is compared with
     ids = np.random.default_rng(0).integers(0, model.vocab_size, p["prompt"] + p["decode"]).tolist()
     with model:
         decode_tok_s = session_decode_tok_s(model, ids[:p["prompt"]], ids[p["prompt"]:])
@@ -332,7 +334,7 @@ def bench_llama_cpp(gguf, threads, p):
     return dict(prefill_tok_s=got["prefill"], decode_tok_s=got["decode"])
 
 
-def decode_alternations(directory, gguf, threads, p, rng):
+def decode_alternations(directory, gguf, threads, p, rng, kv_dtype):
     """[(ours, llama.cpp's)] decode tokens/s at batch 1 over p["decode"] tokens, p["alternations"]
     times one right after the other: of all the figures, decode at two threads is the one this
     machine's read bandwidth moves most (README, Performance), so it gets more pairs than a round."""
@@ -341,7 +343,7 @@ def decode_alternations(directory, gguf, threads, p, rng):
     pairs = []
     for _ in range(p["alternations"]):
         ids = rng.integers(0, vocab, p["prompt"] + p["decode"]).tolist()
-        with load(directory, threads=threads, max_context=len(ids)) as model:
+        with load(directory, threads=threads, max_context=len(ids), kv_dtype=kv_dtype, activations="f32") as model:
             ours = session_decode_tok_s(model, ids[:p["prompt"]], ids[p["prompt"]:])
         pairs.append((ours, llama_bench(gguf, threads, 0, p["decode"])["decode"]))
     return pairs
@@ -481,14 +483,14 @@ def run(args):
                                 bench_llama_cpp(gguf_quantized[dtype], threads, p))
             for t in threads_used:
                 if gguf:
-                    alternations[t] += decode_alternations(converted[1], gguf, t, p, rng)
+                    alternations[t] += decode_alternations(converted[1], gguf, t, p, rng, args.kv_dtype)
             for kv in KV_DTYPES:
                 long_context[kv].append(bench_long_context(converted, p, rng, kv))
             for t in threads_used:
                 bandwidth[t].append(memory_bandwidth(t, p["bandwidth_bytes"]))
                 if not args.no_transformers:
                     baselines["transformers"][t].append(bench_transformers(source, t, p, rng))
-            over_mpi.append(bench_mpi(converted[2], args.quick))
+            over_mpi.append(bench_mpi(converted[2], args.quick, args.kv_dtype))
             all_reduce_threads.append(_core.all_reduce_seconds(
                 config["hidden_size"], ALL_REDUCE_ITERATIONS // (10 if args.quick else 1), ranks=MPI_PROCESSES))
 
@@ -684,7 +686,7 @@ def main(argv=None):
     parser.add_argument("--mpi-process", metavar="DIR", help=argparse.SUPPRESS)  # a process of bench_mpi's run
     args = parser.parse_args(argv)
     if args.mpi_process:
-        return mpi_process(args.mpi_process, args.quick)
+        return mpi_process(args.mpi_process, args.quick, args.kv_dtype)
     results = run(args)
     if args.json:
         print(json.dumps(results, indent=2))

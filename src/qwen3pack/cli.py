@@ -186,12 +186,13 @@ def load_options(command):
     """How the commands that load a model load it: the KV cache's and activations' precision, and
     the MPI backend."""
     for option in reversed([
-        click.option("--kv-dtype", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+        click.option("--kv-dtype", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
                      help="How the KV cache stores keys and values: bf16 takes half the memory (for a small "
-                          "accuracy cost, see the README)."),
-        click.option("--activations", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+                          "accuracy cost, see the README); auto: f32 for f32 models, bf16 for the others."),
+        click.option("--activations", type=click.Choice(["auto", "f32", "bf16"]), default="auto", show_default=True,
                      help="bf16 (bf16 models): each matrix product's input rounded to bf16, for the CPU's bf16 "
-                          "dot product (faster prefill, logits within the README's stated bound)."),
+                          "dot product (faster prefill, logits within the README's stated bound); auto: bf16 "
+                          "for bf16 models, f32 for the others; f32: transformers' f32 logits within 1e-4."),
         click.option("--mpi", is_flag=True,
                      help="Run the ranks as the processes of `mpiexec -n P` (P * ranks per process = the "
                           "model's tp); process 0 prints and serves, each maps only its own rank files. "

@@ -347,9 +347,11 @@ def logit_agreement(reference, logits):
 
 def runtime_logits(directory, prompts):
     """The runtime's logits of every position of each prompt, concatenated [positions, vocab]: the
-    converted model in `directory`, on all the CPUs (the bits do not depend on the thread count)."""
+    converted model in `directory`, on all the CPUs (the bits do not depend on the thread count),
+    with f32 activations and KV cache, so that the error measured is the weights' alone."""
     from .runtime import load
-    with load(directory, threads=os.cpu_count() or 1, max_context=max(map(len, prompts))) as model:
+    with load(directory, threads=os.cpu_count() or 1, max_context=max(map(len, prompts)), kv_dtype="f32",
+              activations="f32") as model:
         return np.concatenate([model.logits(prompt) for prompt in prompts])
 
 
