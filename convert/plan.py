@@ -206,7 +206,7 @@ def describe(plan, context):
     for rank, rank_plan in enumerate(plan.ranks):
         weights = sum(r["nbytes"] for r in rank_plan.header["tensors"])
         lines.append(f"rank {rank:<6} file {rank_plan.file_size / gib:8.3f} GiB   weights {weights / gib:8.3f} GiB   "
-                     f"KV cache at {context} tokens {kv['f32'] / gib:8.3f} GiB (kv_dtype bf16: {kv['bf16'] / gib:.3f})")
+                     f"KV cache at {context} tokens {kv['bf16'] / gib:8.3f} GiB in bf16, {kv['f32'] / gib:.3f} in f32")
     if plan.ignored:
         lines.append(f"ignored     {', '.join(plan.ignored)}")
     return "\n".join(lines)
