@@ -112,27 +112,29 @@ def test_logits_and_greedy_tokens_over_mpi_equal_the_threads_backend_bit_for_bit
     assert report["maps"] == {str(p): files[p * ranks_per_process:(p + 1) * ranks_per_process] for p in range(2)}
 
 
-BF16_CACHE = """
+DEFAULT_PRECISION = """
     import sys
     import numpy as np
     import qwen3pack
-    directory, out, activations = sys.argv[1], sys.argv[2], sys.argv[3]
-    model = qwen3pack.load(directory, backend="mpi", kv_dtype="bf16", activations=activations, threads=1)
+    directory, out = sys.argv[1], sys.argv[2]
+    model = qwen3pack.load(directory, backend="mpi", threads=1)  # "auto": the weights' own precision
     session = model.session()
     steps = [session.append(list(range(1, 10)))] + [session.append([t]) for t in (11, 12, 13)]
-    np.savez(out + "/logits.npz", steps=np.stack(steps), kv_cache_bytes=session.kv_cache_bytes)
+    np.savez(out + "/logits.npz", steps=np.stack(steps), kv_cache_bytes=session.kv_cache_bytes,
+             precision=[model.kv_dtype, model.activations])
 """
 
 
 @needs_mpi
 @pytest.mark.parametrize("dtype,activations", [("q8", "f32"), ("q4", "f32"), ("bf16", "bf16")])
-def test_quantized_weights_or_bf16_activations_with_a_bf16_kv_cache_over_mpi_equal_the_threads_backend_bit_for_bit(
+def test_quantized_or_bf16_weights_in_their_default_precision_over_mpi_equal_the_threads_backend_bit_for_bit(
         checkpoints, tmp_path, dtype, activations):
     directory = tmp_path / dtype
     convert(checkpoints(seed=5), directory, tp=2, dtype=dtype)
-    result = run_script(tmp_path, BF16_CACHE, directory, tmp_path, activations)
+    result = run_script(tmp_path, DEFAULT_PRECISION, directory, tmp_path)
     assert result.returncode == 0, result.stderr
     over_mpi = np.load(tmp_path / "logits.npz")
+    assert list(over_mpi["precision"]) == ["bf16", activations]  # a bf16 KV cache for all three
     with qwen3pack.load(directory, threads=2, kv_dtype="bf16", activations=activations) as model:
         session = model.session()
         steps = [session.append(list(range(1, 10)))] + [session.append([t]) for t in (11, 12, 13)]
