@@ -68,7 +68,8 @@ def model(directory):
 @contextmanager
 def serving(directory, *options):
     """A `qwen3pack serve` process on a port the system picks; yields (base URL, process, its log
-    so far as a function), kills it at the end whatever happened."""
+    so far as a function, the line it printed once listening), kills it at the end whatever
+    happened."""
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe that a long log would fill
         process = subprocess.Popen([str(BIN / "qwen3pack"), "serve", str(directory), "--port", "0", "--threads", "2",
                                     *options], stdout=subprocess.PIPE, stderr=log, text=True)
@@ -80,7 +81,7 @@ def serving(directory, *options):
         try:
             line = process.stdout.readline()  # printed once the socket listens
             assert "http://127.0.0.1:" in line, (line, process.wait(timeout=10), read_log())
-            yield line.split(" on ")[1].split()[0].removesuffix("/v1"), process, read_log
+            yield line.split(" on ")[1].split()[0].removesuffix("/v1"), process, read_log, line
         finally:
             if process.poll() is None:
                 process.kill()
@@ -90,7 +91,7 @@ def serving(directory, *options):
 @pytest.fixture(scope="module")
 def server(directory):
     with serving(directory, "--api-key", API_KEY, "--max-batch", "8", "--max-context", str(MAX_CONTEXT),
-                 "--served-model-name", NAME) as (url, _, _):
+                 "--served-model-name", NAME) as (url, _, _, _):
         yield url
 
 
@@ -359,7 +360,7 @@ def test_tool_calls_come_back_as_openai_tool_calls_whole_and_streamed(tool_calle
     paris = {"city": "Paris", "unit": "°C"}
     ask = dict(model="model", messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], temperature=0,
                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-    with serving(tool_caller) as (url, _, _):
+    with serving(tool_caller) as (url, _, _, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         choice = client.chat.completions.create(**ask).choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -435,10 +436,17 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(server):
     assert metric(server, "qwen3pack_waiting_requests") == 0
 
 
+def test_the_server_says_where_it_listens_and_how_the_model_computes(directory):
+    # an f32 model computes in f32 by default; the KV cache here is asked for in bf16
+    with serving(directory, "--kv-dtype", "bf16") as (url, _, _, banner):
+        assert banner == (f"qwen3pack serve: tp2 on {url}/v1 (max batch 16, max context 4096, KV cache bf16, "
+                          "activations f32)\n")
+
+
 # ---------------------------------------------------------------- a full queue, and SIGTERM
 
 def test_a_full_queue_is_429_and_sigterm_lets_the_running_stream_finish(directory):
-    with serving(directory, "--max-batch", "1", "--max-queue", "0") as (url, process, read_log):
+    with serving(directory, "--max-batch", "1", "--max-queue", "0") as (url, process, read_log, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         stream = client.chat.completions.create(model="tp2", messages=messages(), max_tokens=1000, stream=True,
                                                 **VARIED)

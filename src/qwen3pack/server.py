@@ -632,7 +632,8 @@ def serve(model, model_name, host, port, scheduler_options, api_key=None, shutdo
                             timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
     http = UvicornServer(config, lambda url: f"qwen3pack serve: {model_name} on {url}/v1 "
                                              f"(max batch {server.scheduler.max_batch}, "
-                                             f"max context {model.max_context})")
+                                             f"max context {model.max_context}, KV cache {model.kv_dtype}, "
+                                             f"activations {model.activations})")
     # uvicorn raises the stopping signal again once it has shut down; a stop asked for and done
     # cleanly is not a failure: ignore it then, so that the command exits 0.
     for stop in (signal.SIGTERM, signal.SIGINT):
