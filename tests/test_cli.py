@@ -135,6 +135,43 @@ def test_chat_from_a_pipe_answers_one_turn_per_line(chat_model):
     assert result.stderr.count("tokens/s") == 2 and "(thinking off)" in result.stderr
 
 
+def run_in_a_terminal(text, *args, timeout=120):
+    """Runs a command with a pseudo-terminal as its stdin, stdout and stderr, as a user at a terminal
+    does, typing `text`; returns its exit status and everything it wrote (line ends as "\n")."""
+    import os
+    import pty
+    import select
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([str(BIN / "qwen3pack"), *map(str, args)], stdin=terminal, stdout=terminal,
+                               stderr=terminal, close_fds=True)
+    os.close(terminal)
+    os.write(controller, text.encode())
+    output = b""
+    while select.select([controller], [], [], timeout)[0]:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: every process holding the terminal has closed it
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    return process.wait(timeout=timeout), output.decode().replace("\r\n", "\n")
+
+
+def test_chat_in_a_terminal_names_its_precision_prompts_and_answers(chat_model):
+    import qwen3pack
+    status, output = run_in_a_terminal("Hello\n/exit\n", "chat", chat_model, "--no-think", "--max-tokens", 6,
+                                       "--temperature", 0)
+    assert status == 0, output
+    with qwen3pack.load(chat_model, threads=1) as m:
+        answer = m.chat_session(enable_thinking=False).send("Hello", max_tokens=6, temperature=0).content
+        banner = (f"qwen3pack chat: {chat_model} (max context {m.max_context}, KV cache f32, activations f32). "
+                  "/reset forget the conversation, /think let the model think first")
+    assert f"\n{banner}" in output, output  # after the terminal's echo of what was typed; an f32 model computes in f32
+    assert f"> {answer}" in output and "tokens/s" in output
+
+
 def test_generate_with_bf16_activations_gives_the_text_of_the_api_with_them(converted):
     import qwen3pack
     result = run("generate", converted, "Hello", "--raw", "--max-tokens", 8, "--temperature", 0,

@@ -275,8 +275,9 @@ def chat_command(directory, system, max_tokens, temperature, top_p, top_k, seed,
         _fail(error)
     interactive = sys.stdin.isatty()
     if interactive:
-        click.echo(f"qwen3pack chat: {directory}. " + ", ".join(f"{c} {what}" for c, what in CHAT_COMMANDS.items()),
-                   err=True)
+        click.echo(f"qwen3pack chat: {directory} (max context {model.max_context}, KV cache {model.kv_dtype}, "
+                   f"activations {model.activations}). "
+                   + ", ".join(f"{c} {what}" for c, what in CHAT_COMMANDS.items()), err=True)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     for line in _user_lines(interactive):
         command = line.strip()
