@@ -76,13 +76,11 @@ inline void tile(const void* w, size_t in, const X* x, float* y, size_t ldy, con
   UNROLLED for (int r = 0; r < R; ++r)
     UNROLLED for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   size_t k = 0;
-  if (next)
-    for (; k + kLanes <= in; k += kLanes) {
-      if (k * esize % 64 == 0)
-        UNROLLED for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next + (r * in + k) * esize), _MM_HINT_T1);
-      step<D, R, T, X>(acc, wb, in, x, k, __mmask16(0xFFFF));
-    }
-  for (; k + kLanes <= in; k += kLanes) step<D, R, T, X>(acc, wb, in, x, k, __mmask16(0xFFFF));
+  for (; k + kLanes <= in; k += kLanes) {
+    if (next && k * esize % 64 == 0)
+      UNROLLED for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next + (r * in + k) * esize), _MM_HINT_T1);
+    step<D, R, T, X>(acc, wb, in, x, k, __mmask16(0xFFFF));
+  }
   if (k < in) step<D, R, T, X>(acc, wb, in, x, k, __mmask16((1u << (in - k)) - 1));
   UNROLLED for (int r = 0; r < R; ++r)
     UNROLLED for (int t = 0; t < T; ++t) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
@@ -272,8 +270,6 @@ inline float softmax_step(const AttentionTile& a, size_t g, float* s) {
   return correction;
 }
 
-// out[g] = out[g] * correction[g] + sum_j p[g][j] v_j for the H heads from g0, over the values
-// [d0, d0 + 128): the accumulators stay in registers and each value vector serves the H heads.
 // tile_values for a bf16 cache over 128 values [d0, d0 + 128): the accumulators hold them split
 // as the rows' lanes do (even, odd values of each 32), each value's sum the same as below.
 template <int H>
@@ -313,6 +309,8 @@ void tile_values_bf16(const AttentionTile& a, size_t g0, size_t d0, const float 
     }
 }
 
+// out[g] = out[g] * correction[g] + sum_j p[g][j] v_j for the H heads from g0, over the values
+// [d0, d0 + 128): the accumulators stay in registers and each value vector serves the H heads.
 template <DType KV, int H>
 void tile_values(const AttentionTile& a, size_t g0, size_t d0, const float (*p)[kAttentionTile],
                  const float* correction) {

@@ -50,12 +50,10 @@ inline void tile(const uint16_t* w, size_t in, const uint16_t* x, float* y, size
   UNROLLED for (int r = 0; r < R; ++r)
     UNROLLED for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
   size_t k = 0;
-  if (next)
-    for (; k + kPairs <= in; k += kPairs) {
-      UNROLLED for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next + r * in + k), _MM_HINT_T1);
-      step<R, T>(acc, w, in, x, k, __mmask32(0xFFFFFFFFu));
-    }
-  for (; k + kPairs <= in; k += kPairs) step<R, T>(acc, w, in, x, k, __mmask32(0xFFFFFFFFu));
+  for (; k + kPairs <= in; k += kPairs) {
+    if (next) UNROLLED for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(next + r * in + k), _MM_HINT_T1);
+    step<R, T>(acc, w, in, x, k, __mmask32(0xFFFFFFFFu));
+  }
   if (k < in) step<R, T>(acc, w, in, x, k, __mmask32((1u << (in - k)) - 1));
   UNROLLED for (int r = 0; r < R; ++r)
     UNROLLED for (int t = 0; t < T; ++t) y[t * ldy + r] = _mm512_reduce_add_ps(acc[r][t]);
