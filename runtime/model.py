@@ -34,8 +34,9 @@ def load(directory, threads=None, max_context=4096, verify="quick", kv_dtype="au
     cache stores keys and values, "f32" or "bf16" (half the memory; see the README for what it
     costs in accuracy). activations: "f32" multiplies the weights by f32 activations
     (transformers' logits within 1e-4); "bf16" (bf16 models only) rounds each matrix product's
-    input to bf16 once, for the CPU's bf16 dot product: prefill about 1.7x as fast, logits within
-    the bound the README's performance section states. "auto" (both): the model's own precision,
+    input to bf16 once, for the CPU's bf16 dot product, and with a bf16 KV cache attention's
+    queries and softmax weights too: prefill about 1.7x as fast, logits within the bound the
+    README's performance section states. "auto" (both): the model's own precision,
     see `precision`.
 
     backend: "threads" computes every rank in this process; "mpi" (under mpiexec, with the

@@ -57,6 +57,41 @@ def test_attention_matches_a_plain_softmax_on_odd_sizes(isa, kv_dtype, G, D, n, 
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("G,D,n,first", ODD_SHAPES)
+def test_with_bf16_activations_a_bf16_cache_attends_within_a_rounding_of_each_weight(isa, G, D, n, first):
+    # load(..., activations="bf16") with a bf16 cache: the queries are rounded to bf16, and so is
+    # each weight exp(score - max) before it is summed and weights the values, for the CPU's bf16
+    # dot product. Weights each moved by at most 2^-9 of themselves move the weighted average by
+    # at most 2^-8 / (1 - 2^-9) of the largest value (their sum moves with them).
+    rng = np.random.default_rng(G * 1000 + D + n)
+    q = rng.standard_normal((G, D), dtype=np.float32) * np.float32(3)
+    (k, exact_k), (v, exact_v) = (as_bf16(rng.standard_normal((n, D + 3), dtype=np.float32)) for _ in range(2))
+    scale = D ** -0.5
+    want = reference_attention(as_bf16(q)[1], exact_k[:, :D], exact_v[:, :D], scale)
+    got = _core.attention(q, k, v, "bf16", first, scale, isa, "bf16")
+    bound = 2.0**-8 / (1 - 2.0**-9) * np.abs(exact_v[:, :D]).max() + 2e-6
+    assert np.abs(got - want).max() <= bound
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_with_bf16_activations_the_query_and_each_weight_are_rounded_to_bf16(isa):
+    # A query of 1.005859375 (1 + 3 * 2^-9) is rounded to 1.0078125; against keys 0 and -300,
+    # scale 1/256, the scores are 0 and -1.0078125 * 300 / 256 = -1.18103..., whose weight
+    # exp(-1.18103...) = 0.30696... is rounded to bf16 0.306640625. The output is that weight
+    # over the sum of both (unrounded, 0.2358 instead of 0.2347). An f32 cache keeps f32 attention.
+    D = 32
+    q = np.zeros((1, D), dtype=np.float32)
+    q[0, 0] = 1.005859375
+    k, v = np.zeros((2, D), dtype=np.float32), np.zeros((2, D), dtype=np.float32)
+    k[1, 0], v[1] = -300.0, 1.0
+    (k_bits, _), (v_bits, _) = as_bf16(k), as_bf16(v)
+    got = _core.attention(q, k_bits, v_bits, "bf16", 0, 1 / 256, isa, "bf16")
+    np.testing.assert_allclose(got[0], np.full(D, 0.306640625 / 1.306640625), rtol=1e-6)
+    weight = np.exp(-1.005859375 * 300 / 256)
+    np.testing.assert_allclose(_core.attention(q, k, v, "f32", 0, 1 / 256, isa, "bf16")[0], weight / (1 + weight), rtol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_one_dominant_key_in_a_late_tile_rescales_the_earlier_tiles(isa):
     # The first tiles' outputs were summed against a smaller running max; the late key's score
     # is 80 above the others: their weight falls to exp(-80), and the output is its value.
@@ -71,7 +106,8 @@ def test_one_dominant_key_in_a_late_tile_rescales_the_earlier_tiles(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_a_querys_result_depends_only_on_its_own_keys_and_tiles(isa):
+@pytest.mark.parametrize("kv_dtype,activations", [("f32", "f32"), ("bf16", "f32"), ("bf16", "bf16")])
+def test_a_querys_result_depends_only_on_its_own_keys_and_tiles(isa, kv_dtype, activations):
     # The engine cuts tiles at multiples of the tile size in absolute positions: the same keys at
     # the same positions give the same bits, however they are read; and a head's bits do not
     # depend on the heads beside it in a tile (query blocks put several tokens' heads in one
@@ -80,11 +116,17 @@ def test_a_querys_result_depends_only_on_its_own_keys_and_tiles(isa):
     q = rng.standard_normal((11, 64), dtype=np.float32)
     k = rng.standard_normal((150, 64), dtype=np.float32)
     v = rng.standard_normal((150, 64), dtype=np.float32)
-    a = _core.attention(q, k, v, "f32", 30, 0.125, isa)
-    assert np.array_equal(a, _core.attention(q, k.copy(), v.copy(), "f32", 30, 0.125, isa))
+    if kv_dtype == "bf16":
+        (k, _), (v, _) = as_bf16(k), as_bf16(v)
+
+    def attend(heads, keys, values):
+        return _core.attention(heads, keys, values, kv_dtype, 30, 0.125, isa, activations)
+
+    a = attend(q, k, v)
+    assert np.array_equal(a, attend(q, k.copy(), v.copy()))
     for g in range(11):
-        assert np.array_equal(_core.attention(q[g:g + 1], k, v, "f32", 30, 0.125, isa)[0], a[g])
-        assert np.array_equal(_core.attention(q[g:g + 3], k, v, "f32", 30, 0.125, isa)[0], a[g])
+        assert np.array_equal(attend(q[g:g + 1], k, v)[0], a[g])
+        assert np.array_equal(attend(q[g:g + 3], k, v)[0], a[g])
 
 
 def test_bf16_rounding_is_to_nearest_even_as_ml_dtypes():
@@ -112,12 +154,23 @@ LONG = 3 * TILE + 11  # positions of the sequences below
 
 
 @pytest.fixture(scope="module")
-def sliding_model(tmp_path_factory):
+def sliding_checkpoint(tmp_path_factory):
     """Full and sliding layers (window 37: the ring wraps inside a tile), 4 query heads on 2 KV heads."""
-    source = make_checkpoint(tmp_path_factory.mktemp("hf"), num_hidden_layers=3, use_sliding_window=True,
-                             sliding_window=37, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    return make_checkpoint(tmp_path_factory.mktemp("hf"), num_hidden_layers=3, use_sliding_window=True,
+                           sliding_window=37, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+
+
+@pytest.fixture(scope="module")
+def sliding_model(tmp_path_factory, sliding_checkpoint):
     out = tmp_path_factory.mktemp("q3p") / "model"
-    convert(source, out, tp=1)
+    convert(sliding_checkpoint, out, tp=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sliding_model_bf16(tmp_path_factory, sliding_checkpoint):
+    out = tmp_path_factory.mktemp("q3p") / "model-bf16"
+    convert(sliding_checkpoint, out, tp=1, dtype="bf16")
     return out
 
 
@@ -126,11 +179,14 @@ def ids_of(n, seed):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kv_dtype", ["f32", "bf16"])
-def test_a_token_gets_the_same_bits_in_prefill_decode_and_any_batch(monkeypatch, sliding_model, isa, kv_dtype):
+@pytest.mark.parametrize("weights,kv_dtype,activations", [("f32", "f32", "f32"), ("f32", "bf16", "f32"),
+                                                          ("bf16", "bf16", "bf16")])
+def test_a_token_gets_the_same_bits_in_prefill_decode_and_any_batch(monkeypatch, sliding_model, sliding_model_bf16, isa,
+                                                                     weights, kv_dtype, activations):
     monkeypatch.setenv("QWEN3PACK_ISA", isa)
     ids = ids_of(LONG, 5)
-    with runtime.load(sliding_model, threads=2, kv_dtype=kv_dtype) as m:
+    model = sliding_model_bf16 if weights == "bf16" else sliding_model
+    with runtime.load(model, threads=2, kv_dtype=kv_dtype, activations=activations) as m:
         prefill = m.logits(ids)
         decode = m.session()
         for i, token in enumerate(ids):

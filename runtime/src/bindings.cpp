@@ -419,22 +419,28 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
 
 // Attention of the G query heads q [G, D] over keys and values k, v [n, ld >= D] (their first D
 // columns: f32, or bf16 patterns with kv_dtype "bf16") at positions [first, first + n), in the
-// tiles the engine uses, with one instruction set's kernel (for the kernel tests).
+// tiles the engine uses, with one instruction set's kernel (for the kernel tests). With
+// activations "bf16" and a bf16 cache, as load(..., activations="bf16") attends: q rounded to bf16
+// first, and the kernel's bf16_products.
 FloatArray attention_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> q,
                               nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> k,
                               nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> v, const std::string& kv_dtype,
-                              int64_t first, float scale, const std::string& isa) {
+                              int64_t first, float scale, const std::string& isa, const std::string& activations) {
   q3p::DType dt;
   if (!q3p::parse_dtype(kv_dtype, &dt) || (dt != q3p::DType::F32 && dt != q3p::DType::BF16))
     throw q3p::UsageError("kv_dtype must be f32 or bf16");
+  if (activations != "f32" && activations != "bf16") throw q3p::UsageError("activations must be f32 or bf16");
   const size_t G = q.shape(0), D = q.shape(1), n = k.shape(0), ld = k.shape(1);
   if (v.shape(0) != n || v.shape(1) != ld || ld < D || k.itemsize() != q3p::dtype_size(dt) ||
       v.itemsize() != k.itemsize() || n < 1 || first < 0)
     throw q3p::UsageError("k and v must be [n >= 1, ld >= D] of " + kv_dtype + " values, first >= 0");
   const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
   std::vector<float> out(G * D, 0.0f), max(G, -INFINITY), sum(G, 0.0f);
+  std::vector<float> queries(q.data(), q.data() + G * D);
   q3p::AttentionTile a;
-  a.q = q.data();
+  a.bf16_products = activations == "bf16" && dt == q3p::DType::BF16;
+  if (a.bf16_products) q3p::round_to_bf16(queries.data(), queries.size());
+  a.q = queries.data();
   a.G = G;
   a.D = D;
   a.ld = ld;
@@ -607,7 +613,9 @@ NB_MODULE(_core, m) {
         "Median seconds of an all-reduce of n floats: over MPI (mpi_library: the loaded libmpi; mpi_comm: a "
         "communicator whose every process calls this) or between `ranks` threads through shared memory.");
   m.def("attention", &attention_with_isa, "q"_a, "k"_a, "v"_a, "kv_dtype"_a, "first"_a, "scale"_a, "isa"_a,
-        "Attention of q [G, D] over k, v [n, ld] at positions [first, first + n), tiled as the engine does.");
+        "activations"_a = "f32",
+        "Attention of q [G, D] over k, v [n, ld] at positions [first, first + n), tiled as the engine does "
+        "(activations='bf16' with kv_dtype='bf16': in bf16 activations' precision, as the engine attends then).");
   m.attr("ATTENTION_TILE") = q3p::kAttentionTile;
   m.def("to_bf16", &to_bf16, "x"_a, "float32 values rounded to bf16 (ties to even), as uint16 bit patterns.");
   m.def("silu_mul", &silu_mul, "gate"_a, "up"_a, "silu(gate) * up, as the MLP computes it.");

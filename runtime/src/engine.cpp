@@ -387,6 +387,7 @@ void Engine::rank_forward(int rank) {
         for (size_t h = 0; h < Nq; ++h) {
           rmsnorm(row + h * D, L.q_norm.f32(), eps, row + h * D, D);
           rope_neox(row + h * D, c, s, D);
+          if (bf16_attention()) round_to_bf16(row + h * D, D);  // the scores' activations
         }
         for (size_t g = 0; g < Nkv; ++g) {
           float* k = row + (Nq + g) * D;
@@ -464,6 +465,7 @@ void Engine::attend(int rank, int64_t layer, KVCache& cache, size_t t, int64_t p
   a.ld = D;
   a.kv = cache.dtype();
   a.scale = attn_scale_;
+  a.bf16_products = bf16_attention();
   a.max = state;
   a.sum = state + G;
   a.out = w.attn.data() + t * Nq * D + static_cast<size_t>(g) * G * D;
@@ -504,6 +506,7 @@ void Engine::attend_block(int rank, int64_t layer, const QueryBlock& block, int6
   a.ld = D;
   a.kv = cache.dtype();
   a.scale = attn_scale_;
+  a.bf16_products = bf16_attention();
   a.out = scratch + heads * D;
   a.max = a.out + heads * D;
   a.sum = a.max + heads;

@@ -74,6 +74,8 @@ class Engine {
   DType kv_dtype() const { return kv_geometry_.dtype; }
   bool closed() const { return closed_.load(); }
   bool bf16_activations() const { return bf16_activations_; }
+  // Attention in bf16 activations' precision (AttentionTile::bf16_products): bf16 activations and cache.
+  bool bf16_attention() const { return bf16_activations_ && kv_geometry_.dtype == DType::BF16; }
   // True in a child forked after the engine was made: its threads and locks are the parent's,
   // so the child must neither use it nor destroy it (see bindings.cpp).
   bool forked() const;

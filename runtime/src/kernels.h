@@ -15,6 +15,9 @@ void to_f32(const void* src, DType dt, float* dst, size_t n);
 // KV cache's bf16 and the bf16 activations.
 void to_bf16(const float* src, uint16_t* dst, size_t n);
 
+// x[i] rounded to bf16 as to_bf16 rounds it, kept as f32 (exact), in place.
+void round_to_bf16(float* x, size_t n);
+
 // y = x W^T: y[t * out + o] = sum_i x[t * in + i] * W[o, i] for t in [0, n), o in [0, out).
 // W is [out, in] row-major with dtype `dt`; the sums are in f32. When x_bf16 is set (bf16 W only:
 // load(..., activations="bf16")), x is read from there, rounded to bf16 by to_bf16, and x is unused.
@@ -51,6 +54,10 @@ struct AttentionTile {
   size_t ld = 0, nk = 0;
   DType kv = DType::F32;     // of k and v: F32 or BF16
   float scale = 1.0f;        // scores are scale * (q_g . k_j)
+  // Attention in bf16 activations' precision (a bf16 cache with load(..., activations="bf16")):
+  // the caller rounded q to bf16 values, each exp(score - max) is rounded to bf16 before it is
+  // summed and weights the values, and the products may take the CPU's bf16 dot product.
+  bool bf16_products = false;
   float* max = nullptr;
   float* sum = nullptr;
   float* out = nullptr;

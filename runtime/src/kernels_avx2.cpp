@@ -181,6 +181,15 @@ inline float max8(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+// v rounded to bf16 values, to nearest even, NaN kept (to_bf16's rounding, for bf16_products).
+inline __m256 round_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+  const __m256 rounded = _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32(int(0xFFFF0000u))));
+  return _mm256_blendv_ps(rounded, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
 constexpr size_t kHeads = 8;      // query heads whose scores are held at once
 constexpr size_t kValueVecs = 4;  // output vectors of a head held in registers (32 values)
 
@@ -232,7 +241,8 @@ inline float softmax_step(const AttentionTile& a, size_t g, float* s) {
     alignas(32) float part[kLanes];
     _mm256_store_ps(part, minus_inf);  // exp(-inf) = 0 past the tile's end
     std::memcpy(part, s + j, count * sizeof(float));
-    const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(part), mv));
+    __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(part), mv));
+    if (a.bf16_products) p = round_bf16(p);
     store8(s + j, p, count);
     sum = _mm256_add_ps(sum, p);
   }
@@ -276,6 +286,9 @@ void tile_values(const AttentionTile& a, size_t g0, size_t d0, const float (*p)[
 
 }  // namespace
 
-void attention_tile_avx2(const AttentionTile& a) { attention_tile_any(a); }
+void attention_tile_avx2(const AttentionTile& a) {
+  if (a.kv == DType::BF16) attention_tile<DType::BF16>(a);
+  else attention_tile<DType::F32>(a);
+}
 
 }  // namespace q3p

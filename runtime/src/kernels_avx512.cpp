@@ -158,6 +158,17 @@ inline __mmask16 lanes_below(size_t count) {
   return count >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
 }
 
+// v rounded to bf16 values, to nearest even, NaN kept (to_bf16's rounding, for bf16_products).
+inline __m512 round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __m512 rounded = _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(int(0xFFFF0000u))));
+  return _mm512_mask_mov_ps(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+}
+
+#include "kernels_scores_avx512.inc"
+
 constexpr size_t kHeads = 8;     // query heads whose scores are held at once
 constexpr size_t kValueVecs = 8; // output vectors of a head held in registers (128 values)
 
@@ -216,9 +227,7 @@ void tile_scores_bf16(const AttentionTile& a, size_t g0, float (*s)[kAttentionTi
           acc[h][i] = _mm512_fmadd_ps(_mm512_load_ps(q[h][c][1]), odd, acc[h][i]);
         }
       }
-    UNROLLED for (int h = 0; h < H; ++h)
-      UNROLLED for (size_t i = 0; i < kKeys; ++i)
-        if (j + i < a.nk) s[h][j + i] = _mm512_reduce_add_ps(acc[h][i]) * a.scale;
+    store_scores(acc, s, j, a.nk, a.scale);
   }
 }
 
@@ -241,9 +250,7 @@ void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) 
         UNROLLED for (int h = 0; h < H; ++h)
           acc[h][i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a.q + (g0 + h) * a.D + d), kv, acc[h][i]);
       }
-    UNROLLED for (int h = 0; h < H; ++h)
-      UNROLLED for (size_t i = 0; i < kKeys; ++i)
-        if (j + i < a.nk) s[h][j + i] = _mm512_reduce_add_ps(acc[h][i]) * a.scale;
+    store_scores(acc, s, j, a.nk, a.scale);
   }
 }
 
@@ -260,7 +267,8 @@ inline float softmax_step(const AttentionTile& a, size_t g, float* s) {
   __m512 sum = _mm512_setzero_ps();
   for (size_t j = 0; j < a.nk; j += kLanes) {
     const __mmask16 mask = lanes_below(a.nk - j);
-    const __m512 p = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + j), mv)));
+    __m512 p = _mm512_maskz_mov_ps(mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + j), mv)));
+    if (a.bf16_products) p = round_bf16(p);
     _mm512_mask_storeu_ps(s + j, mask, p);
     sum = _mm512_add_ps(sum, p);
   }
@@ -344,6 +352,11 @@ void tile_values(const AttentionTile& a, size_t g0, size_t d0, const float (*p)[
 
 }  // namespace
 
-void attention_tile_avx512(const AttentionTile& a) { attention_tile_any(a); }
+float softmax_step_avx512(const AttentionTile& a, size_t g, float* s) { return softmax_step(a, g, s); }
+
+void attention_tile_avx512(const AttentionTile& a) {
+  if (a.kv == DType::BF16) attention_tile<DType::BF16>(a);
+  else attention_tile<DType::F32>(a);
+}
 
 }  // namespace q3p

@@ -107,6 +107,7 @@ void attention_tile_generic(const AttentionTile& a) {
     for (size_t j = 0; j < a.nk; ++j) m = p[j] > m ? p[j] : m;
     const float correction = exp_nonpositive(a.max[g] - m);  // 0 on the first tile (-inf)
     for (size_t j = 0; j < a.nk; ++j) p[j] = exp_nonpositive(p[j] - m);
+    if (a.bf16_products) round_to_bf16(p, a.nk);
     float sum = 0.0f;
     for (size_t j = 0; j < a.nk; ++j) sum += p[j];
     a.max[g] = m;

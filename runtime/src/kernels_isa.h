@@ -22,6 +22,12 @@ void attention_tile_avx2(const AttentionTile& a);
 void attention_tile_avx512(const AttentionTile& a);
 // matmul_avx512, but vdpbf16ps for activations rounded to bf16 (CPUs with AVX512_BF16).
 void matmul_avx512bf16(const MatmulArgs& a, size_t o0, size_t o1);
+// attention_tile_avx512, but vdpbf16ps for the products of a.bf16_products on a bf16 cache.
+void attention_tile_avx512bf16(const AttentionTile& a);
+// The online softmax step of head g of a tile whose scores are s (kernels_avx512.cpp): s becomes
+// the weights exp(s - max), max and sum move on; returns the factor that rescales the head's
+// earlier output.
+float softmax_step_avx512(const AttentionTile& a, size_t g, float* s);
 float fma_loop_avx2(size_t steps, float seed);
 float fma_loop_avx512(size_t steps, float seed);
 float dpbf16_loop_avx512(size_t steps, float seed);
