@@ -60,10 +60,12 @@ class Tokenizer:
 
     def token_bytes(self, token):
         """The bytes one token stands for: with a byte-level vocabulary (Qwen's) a token may hold
-        part of a UTF-8 character, which decode() would show as U+FFFD."""
+        part of a UTF-8 character, which decode() would show as U+FFFD. An id the tokenizer lacks
+        stands for none, as decode() gives it no text: a model's output head may have more rows
+        than its tokenizer has tokens (Qwen3's 151936 for 151669), and the model may pick one."""
         piece = self._backend.id_to_token(int(token))
         if piece is None:
-            raise ValueError(f"token id {token} is not in the vocabulary")
+            return b""
         if not isinstance(self._backend.decoder, decoders.ByteLevel) or \
                 int(token) in self._backend.get_added_tokens_decoder():  # added tokens are stored as text
             return self.decode([token], skip_special_tokens=False).encode()

@@ -204,6 +204,19 @@ def test_chat_logprobs_cover_every_token_and_its_bytes(client):
         answer.choices[0].message.content
 
 
+def test_logprobs_of_an_id_without_text_are_empty(tmp_path):
+    # An id of the output head that the tokenizer lacks (make_checkpoint's byte-level tokenizer has
+    # 259 tokens for 384 rows; Qwen3 151669 for 151936), here forced by a logit bias: no text in the
+    # answer, and none in its logprobs, where it used to fail the request with a 500.
+    convert(make_checkpoint(tmp_path / "source"), tmp_path / "model", tp=1)
+    with serving(tmp_path / "model") as (url, _, _, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        answer = client.chat.completions.create(model="model", messages=messages(), max_tokens=2, logprobs=True,
+                                                top_logprobs=1, logit_bias={"300": 100})
+        assert answer.choices[0].message.content == ""
+        assert [(e.token, e.bytes) for e in answer.choices[0].logprobs.content] == [("", [])] * 2
+
+
 def test_a_stop_string_ends_the_answer_before_it(client, model):
     full = runtime_chat(model, max_tokens=30, enable_thinking=False).content
     stop = full[10:13]

@@ -255,6 +255,15 @@ def test_token_bytes_join_into_the_text_even_where_tokens_split_characters(sourc
         tokenizer.decode(ids, skip_special_tokens=False).encode()
 
 
+def test_an_id_the_tokenizer_lacks_stands_for_no_bytes_as_decode_gives_it_no_text(tmp_path):
+    # make_checkpoint's byte-level tokenizer has 259 tokens for an output head of 384 rows (Qwen3:
+    # 151669 for 151936): the model may pick an id past them.
+    tokenizer = Tokenizer.from_directory(make_checkpoint(tmp_path))
+    ids = tokenizer.encode("hi") + [300] + tokenizer.encode("!")
+    assert tokenizer.token_bytes(300) == b""
+    assert b"".join(tokenizer.token_bytes(token) for token in ids) == tokenizer.decode(ids).encode() == b"hi!"
+
+
 # ---------------------------------------------------------------- stop strings and the reasoning split
 
 
