@@ -171,15 +171,6 @@ inline __m512 round_bf16(__m512 v) {
 
 constexpr size_t kHeads = 8;     // query heads whose scores are held at once
 constexpr size_t kValueVecs = 8; // output vectors of a head held in registers (128 values)
-
-// s[h][j] = scale * (q_h . k_j) for the H heads from g0: lane l sums d = l, l + 16, ... of D, then
-// a tree of the lanes. kKeys keys at a time, so that H x kKeys independent sums are in flight
-// (one key's sum alone waits on its FMAs' latency), each key vector serving the H heads. The keys
-// are read one after the other, each whole, in address order: the out-of-order core overlaps their
-// sums, while the loads stream. Read a vector of each of the kKeys keys in turn (4 streams 512
-// bytes apart), decode from position 1500 with an f32 cache was 1.11-1.12x slower at 1 and 2
-// threads (medians of 20 rounds, one process alternating the two orders); the sums are the same.
-constexpr size_t kKeys = 4;
 constexpr size_t kScoreHeads = 4;  // heads per pass of tile_scores: 4 heads x kKeys sums fill 16 of the 32 registers
 
 // A bf16 cache's rows as 64-byte vectors of 32 values: lane l holds values 2l (its low half) and
@@ -211,38 +202,28 @@ void tile_scores_bf16(const AttentionTile& a, size_t g0, float (*s)[kAttentionTi
       _mm512_store_ps(q[h][c][0], _mm512_permutex2var_ps(low, even_lanes(), high));
       _mm512_store_ps(q[h][c][1], _mm512_permutex2var_ps(low, odd_lanes(), high));
     }
-  const uint16_t* k = static_cast<const uint16_t*>(a.k);
-  for (size_t j = 0; j < a.nk; j += kKeys) {
-    const uint16_t* key[kKeys];  // past the tile's end, its last key again (not stored)
-    UNROLLED for (size_t i = 0; i < kKeys; ++i) key[i] = k + min_size(j + i, a.nk - 1) * a.ld;
-    __m512 acc[H][kKeys];
-    UNROLLED for (int h = 0; h < H; ++h)
-      UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm512_setzero_ps();
+  auto products = [&](__m512 (&acc)[H][kKeys], const uint8_t* const (&key)[kKeys]) __attribute__((always_inline)) {
     UNROLLED for (size_t i = 0; i < kKeys; ++i)
       for (size_t c = 0; c < chunks; ++c) {
-        const __m512i pairs = _mm512_loadu_si512(key[i] + c * kPairLanes);
+        const __m512i pairs = _mm512_loadu_si512(key[i] + c * 2 * kPairLanes);
         const __m512 even = even_values(pairs), odd = odd_values(pairs);
         UNROLLED for (int h = 0; h < H; ++h) {
           acc[h][i] = _mm512_fmadd_ps(_mm512_load_ps(q[h][c][0]), even, acc[h][i]);
           acc[h][i] = _mm512_fmadd_ps(_mm512_load_ps(q[h][c][1]), odd, acc[h][i]);
         }
       }
-    store_scores(acc, s, j, a.nk, a.scale);
-  }
+  };
+  scores_by_keys<H>(a, 2, s, products);
 }
 
+// s[h][j] = scale * (q_h . k_j) for the H heads from g0: lane l sums d = l, l + 16, ... of D, then
+// a tree of the lanes.
 template <DType KV, int H>
 void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) {
   if constexpr (KV == DType::BF16)
     if (a.D % kPairLanes == 0 && a.D <= kMaxSplitDim) return tile_scores_bf16<H>(a, g0, s);
   constexpr size_t esize = KV == DType::F32 ? 4 : 2;
-  const uint8_t* k = static_cast<const uint8_t*>(a.k);
-  for (size_t j = 0; j < a.nk; j += kKeys) {
-    const uint8_t* key[kKeys];  // past the tile's end, its last key again (not stored)
-    UNROLLED for (size_t i = 0; i < kKeys; ++i) key[i] = k + min_size(j + i, a.nk - 1) * a.ld * esize;
-    __m512 acc[H][kKeys];
-    UNROLLED for (int h = 0; h < H; ++h)
-      UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm512_setzero_ps();
+  auto products = [&](__m512 (&acc)[H][kKeys], const uint8_t* const (&key)[kKeys]) __attribute__((always_inline)) {
     UNROLLED for (size_t i = 0; i < kKeys; ++i)
       for (size_t d = 0; d < a.D; d += kLanes) {
         const __mmask16 mask = lanes_below(a.D - d);
@@ -250,8 +231,8 @@ void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) 
         UNROLLED for (int h = 0; h < H; ++h)
           acc[h][i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a.q + (g0 + h) * a.D + d), kv, acc[h][i]);
       }
-    store_scores(acc, s, j, a.nk, a.scale);
-  }
+  };
+  scores_by_keys<H>(a, esize, s, products);
 }
 
 // The online softmax step of head g: s becomes exp(s - max), max and sum move on; returns the

@@ -150,7 +150,6 @@ namespace {
 // 256), kernels_avx512.cpp's attention computes the same rounded products in f32 FMAs.
 constexpr size_t kLanes = 16;
 constexpr size_t kHeads = 8, kScoreHeads = 4, kValueVecs = 8;  // as kernels_avx512.cpp's
-constexpr size_t kKeys = 4;            // keys whose scores are summed at once, as there
 constexpr size_t kMaxDim = 256;        // head_dim up to which the queries are held for a tile
 
 inline __mmask16 lanes_below(size_t count) {
@@ -171,20 +170,14 @@ void tile_scores(const AttentionTile& a, size_t g0, float (*s)[kAttentionTile]) 
       const float* from = a.q + (g0 + h) * a.D + c * kPairs;  // bf16 values: converted exactly
       q[h][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(from + kLanes), _mm512_loadu_ps(from));
     }
-  const uint16_t* k = static_cast<const uint16_t*>(a.k);
-  for (size_t j = 0; j < a.nk; j += kKeys) {
-    const uint16_t* key[kKeys];  // past the tile's end, its last key again (not stored)
-    UNROLLED for (size_t i = 0; i < kKeys; ++i) key[i] = k + min_size(j + i, a.nk - 1) * a.ld;
-    __m512 acc[H][kKeys];
-    UNROLLED for (int h = 0; h < H; ++h)
-      UNROLLED for (size_t i = 0; i < kKeys; ++i) acc[h][i] = _mm512_setzero_ps();
+  auto products = [&](__m512 (&acc)[H][kKeys], const uint8_t* const (&key)[kKeys]) __attribute__((always_inline)) {
     UNROLLED for (size_t i = 0; i < kKeys; ++i)
       for (size_t c = 0; c < chunks; ++c) {
-        const __m512bh pairs = (__m512bh)_mm512_loadu_si512(key[i] + c * kPairs);
+        const __m512bh pairs = (__m512bh)_mm512_loadu_si512(key[i] + c * 2 * kPairs);
         UNROLLED for (int h = 0; h < H; ++h) acc[h][i] = _mm512_dpbf16_ps(acc[h][i], q[h][c], pairs);
       }
-    store_scores(acc, s, j, a.nk, a.scale);
-  }
+  };
+  scores_by_keys<H>(a, 2, s, products);
 }
 
 inline float softmax_step(const AttentionTile& a, size_t g, float* s) { return softmax_step_avx512(a, g, s); }
