@@ -5,7 +5,7 @@ Each global (Hugging Face) tensor is gathered from the source ranks a chunk of r
 the converter reads it from a safetensors file, so the new rank files hold exactly what converting
 the checkpoint at the new size writes. Every source tensor record is read front to back, once
 (replicated copies included), and its CRC32C checked as its last byte goes by: a damaged source is
-refused, naming its file and tensor, before the output is put in place. q8 and q4 rows travel as
+refused, naming its file and tensor, before the output is put in place. q8, q4 and q6 rows travel as
 their stored blocks, which move between ranks whole, never quantized again (_check_whole_blocks).
 """
 import hashlib
@@ -54,7 +54,7 @@ def reshard(directory, output, tp, force=False):
 
 
 def _check_whole_blocks(directory, model, old, new):
-    """q8 and q4 blocks lie along each row's input dimension, quantized per rank slice: o_proj and
+    """q8, q4 and q6 blocks lie along each row's input dimension, quantized per rank slice: o_proj and
     down_proj, split along that dimension, move between ranks in whole blocks (the same bytes as
     quantizing the new slices) only where every rank's slice, before and after, is a whole number
     of blocks. Elsewhere their values would be quantized twice: refused."""
@@ -215,7 +215,7 @@ class GatheredTensor:
         if part["axis"] == 1:  # every row's columns [start, end): the record's rows of the chunk
             width = source.row_bytes
             data = self._scratch(source, first_row * width, count * width).reshape(count, width)
-            def at(column):  # the byte where a column starts (of a q8 or q4 row: a block, _check_whole_blocks)
+            def at(column):  # the byte where a column starts (of a q8, q4 or q6 row: a block, _check_whole_blocks)
                 return dtypes.row_bytes(self.dtype, column)
             columns = slice(at(part["at"]), at(part["at"] + part["end"] - part["start"]))
             return (slice(None), slice(at(part["start"]), at(part["end"]))), data[:, columns]

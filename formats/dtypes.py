@@ -12,6 +12,10 @@ dimension, each 8 sub-blocks of 32 with a 6-bit scale and a 6-bit minimum apiece
 scaled by the block's two f16 numbers, and 4-bit values; 4.5 bits a weight. quantize_q4 follows
 SPEC.md's rule to the bit (an error-minimising search per sub-block, as llama.cpp's
 make_qkx2_quants, with every sum in a fixed order).
+
+q6 is llama.cpp's block_q6_K: blocks of 256 values, 16 sub-blocks of 16 with a signed 8-bit scale
+apiece in units of the block's f16 scale, and 6-bit values; 6.5625 bits a weight. quantize_q6
+follows SPEC.md's rule to the bit (llama.cpp's make_qx_quants search per sub-block, with fixed sums).
 """
 import ml_dtypes
 import numpy as np
@@ -28,7 +32,7 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 
 F16_MAX = float(np.finfo(np.float16).max)
 
-QUANTIZED = ("q8", "q4")
+QUANTIZED = ("q8", "q4", "q6")
 Q8_BLOCK = 32  # values per block
 Q8_BLOCK_DTYPE = np.dtype([("d", "<f2"), ("q", "i1", (Q8_BLOCK,))])  # 34 bytes, no padding
 Q8_MAX_SCALE = F16_MAX  # the largest block scale: blocks up to |x| = 127 * 65504 quantize
@@ -36,7 +40,9 @@ Q8_MAX_SCALE = F16_MAX  # the largest block scale: blocks up to |x| = 127 * 6550
 
 Q4_BLOCK, Q4_SUB = 256, 32  # values per block and per sub-block
 Q4_BLOCK_DTYPE = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", (12,)), ("qs", "u1", (128,))])  # 144 bytes
-BLOCK_TYPES = {"q8": (Q8_BLOCK, Q8_BLOCK_DTYPE), "q4": (Q4_BLOCK, Q4_BLOCK_DTYPE)}
+Q6_BLOCK, Q6_SUB = 256, 16
+Q6_BLOCK_DTYPE = np.dtype([("ql", "u1", (128,)), ("qh", "u1", (64,)), ("scales", "i1", (16,)), ("d", "<f2")])  # 210 bytes
+BLOCK_TYPES = {"q8": (Q8_BLOCK, Q8_BLOCK_DTYPE), "q4": (Q4_BLOCK, Q4_BLOCK_DTYPE), "q6": (Q6_BLOCK, Q6_BLOCK_DTYPE)}
 
 
 def element_size(dtype):
@@ -44,7 +50,7 @@ def element_size(dtype):
 
 
 def row_bytes(dtype, columns):
-    """Bytes of one stored row of `columns` values (q8, q4: whole blocks, the last one padded)."""
+    """Bytes of one stored row of `columns` values (q8, q4, q6: whole blocks, the last one padded)."""
     if dtype in BLOCK_TYPES:
         block, block_dtype = BLOCK_TYPES[dtype]
         return -(-columns // block) * block_dtype.itemsize
@@ -63,7 +69,7 @@ def storage_dtype(dtype):
 
 def values_dtype(dtype):
     """The numpy dtype of the values: bf16 as ml_dtypes.bfloat16 (same bytes as the storage),
-    q8 and q4 dequantized to float32."""
+    q8, q4 and q6 dequantized to float32."""
     if dtype in QUANTIZED:
         return np.dtype(np.float32)
     return np.dtype(ml_dtypes.bfloat16) if dtype == "bf16" else storage_dtype(dtype)
@@ -158,7 +164,7 @@ def dequantize_q8(blocks, columns):
 
 def dequantize(blocks, dtype, columns):
     """float32 values [rows, columns] of rows of blocks of the quantized `dtype`."""
-    return dequantize_q8(blocks, columns) if dtype == "q8" else dequantize_q4(blocks, columns)
+    return {"q8": dequantize_q8, "q4": dequantize_q4, "q6": dequantize_q6}[dtype](blocks, columns)
 
 
 # ---- q4 (SPEC.md, "Quantized weights: q4"); every step in float32, in the order written ----
@@ -237,11 +243,7 @@ def quantize_q4(values):
     value's 4-bit level against the stored scale and minimum). Raises DtypeOverflow when a block's
     scale exceeds the f16 range."""
     values = np.asarray(values, dtype=np.float32)
-    rows, columns = values.shape
-    blocks = -(-columns // Q4_BLOCK)
-    padded = np.zeros((rows, blocks * Q4_BLOCK), dtype=np.float32)
-    padded[:, :columns] = values
-    padded = padded.reshape(-1, Q4_SUB)
+    rows, blocks, padded = _sub_blocks(values, Q4_SUB)
     columns_first = np.ascontiguousarray(padded.T)
     fits = [_fit_sub_blocks(columns_first[:, i:i + _FIT_CHUNK]) for i in range(0, len(padded), _FIT_CHUNK)]
     scale, minimum = (np.concatenate(v).reshape(-1, 8) for v in zip(*fits)) if fits else (np.zeros((0, 8), np.float32),) * 2
@@ -262,6 +264,16 @@ def quantize_q4(values):
 
 
 _FIT_CHUNK = 8192  # sub-blocks fitted at a time: the search's arrays stay in the cache (3x faster than all at once)
+
+
+def _sub_blocks(values, size):
+    """float32 `values` [rows, columns] padded with zeros to whole blocks of 256 (q4, q6), as rows,
+    blocks per row, and the sub-blocks of `size` values [rows * blocks * 256 / size, size]."""
+    rows, columns = values.shape
+    blocks = -(-columns // Q4_BLOCK)
+    padded = np.zeros((rows, blocks * Q4_BLOCK), dtype=np.float32)
+    padded[:, :columns] = values
+    return rows, blocks, padded.reshape(-1, size)
 
 
 def _pack_scales(sc, mn):
@@ -294,4 +306,96 @@ def dequantize_q4(blocks, columns):
     qs = blocks["qs"].reshape(blocks.shape + (4, 32))
     levels = np.stack([qs & 0xF, qs >> 4], axis=-2).reshape(blocks.shape + (8, 32)).astype(np.float32)
     values = step[..., None] * levels - shift[..., None]
+    return values.reshape(len(blocks), -1)[:, :columns]
+
+
+# ---- q6 (SPEC.md, "Quantized weights: q6"); every step in float32, in the order written ----
+
+# The search's 19 candidate level counts: 32 and then 32 + f32(0.1) * k for k = -9..9, k != 0
+# (llama.cpp's make_qx_quants with nmax = 32).
+_Q6_CANDIDATES = [np.float32(32) + np.float32(0.1) * np.float32(k) for k in range(-9, 10) if k]
+_GROUP_MAX_EPS = np.float32(1e-15)  # llama.cpp's: a sub-block or block this small is zero
+
+
+def _sum16(v):
+    """Sums over the first axis (16 values) by halving: v[i] + v[i + 8], then + 4, + 2, + 1."""
+    while len(v) > 1:
+        half = len(v) // 2
+        v = v[:half] + v[half:]
+    return v[0]
+
+
+def _fit_q6_sub_blocks(x):
+    """The scale s of each column of x [16, n] (values s * l, l in -32..31) that the search finds
+    (SPEC.md, q6 step 1): the least-squares scale weighted by x^2 for the levels of 19 candidate
+    steps, the best kept."""
+    f32 = np.float32
+    magnitude = np.abs(x)
+    largest = np.take_along_axis(x, magnitude.argmax(0)[None], 0)[0]  # the first x of largest |x|
+    zero = magnitude.max(0) < _GROUP_MAX_EPS
+    largest = np.where(zero, f32(1), largest)
+    w = x * x
+    wx = w * x
+
+    def sums(count):
+        iscale = -count / largest
+        levels = np.clip(np.rint(iscale * x), -32, 31)
+        wl = w * levels
+        return _sum16(wx * levels), _sum16(wl * levels)
+
+    sum_lx, sum_ll = sums(f32(32))
+    scale = np.where(sum_ll > 0, sum_lx / np.where(sum_ll > 0, sum_ll, f32(1)), f32(0))
+    best = scale * sum_lx
+    for count in _Q6_CANDIDATES:
+        sum_lx, sum_ll = sums(count)
+        better = (sum_ll > 0) & (sum_lx * sum_lx > best * sum_ll)
+        fitted = sum_lx / np.where(sum_ll > 0, sum_ll, f32(1))
+        scale = np.where(better, fitted, scale)
+        best = np.where(better, fitted * sum_lx, best)
+    return np.where(zero, f32(0), scale)
+
+
+def quantize_q6(values):
+    """Rows of float32 `values` [rows, columns] as q6 blocks [rows, ceil(columns / 256)] (SPEC.md:
+    each sub-block's scale by the search, the block's 8-bit codes of them against its f16 scale,
+    then each value's 6-bit level against what is stored). Raises DtypeOverflow when a block's
+    scale exceeds the f16 range."""
+    f32 = np.float32
+    values = np.asarray(values, dtype=np.float32)
+    rows, blocks, subs = _sub_blocks(values, Q6_SUB)
+    columns_first = np.ascontiguousarray(subs.T)
+    with np.errstate(over="ignore", under="ignore"):  # IEEE's infinities and zeros decide (SPEC.md)
+        fits = [_fit_q6_sub_blocks(columns_first[:, i:i + _FIT_CHUNK]) for i in range(0, len(subs), _FIT_CHUNK)]
+    scale = np.concatenate(fits).reshape(-1, 16) if fits else np.zeros((0, 16), np.float32)
+    largest = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)[:, 0] if len(scale) else np.zeros(0, np.float32)
+    zero = np.abs(largest) < _GROUP_MAX_EPS
+    iscale = f32(-128) / np.where(zero, f32(1), largest)
+    with np.errstate(over="ignore"):
+        d = np.where(zero, f32(0), f32(1) / iscale).astype(np.float16)
+    if np.isinf(d).any():
+        raise DtypeOverflow(f"value {float(np.abs(values).max()):g} exceeds the q6 range")
+    sc = np.where(zero[:, None], 0, np.clip(np.rint(iscale[:, None] * scale), -128, 127)).astype(np.int8)
+    step = (d.astype(np.float32)[:, None] * sc.astype(np.float32)).reshape(-1)
+    levels = np.rint(subs / np.where(step != 0, step, f32(1))[:, None])
+    levels = np.where(step[:, None] != 0, np.clip(levels, -32, 31) + 32, 0).astype(np.uint8)  # 0 under a zero step: zero bytes
+    levels = levels.reshape(rows * blocks, 2, 4, 32)  # [block, half, quarter, l]: value 128h + 32c + l
+    out = np.empty((rows, blocks), dtype=Q6_BLOCK_DTYPE)
+    low, high = levels & 0xF, levels >> 4
+    out["ql"] = (low[:, :, 0:2] | (low[:, :, 2:4] << 4)).reshape(rows, blocks, 128)
+    out["qh"] = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(rows, blocks, 64)
+    out["scales"], out["d"] = sc.reshape(rows, blocks, 16), d.reshape(rows, blocks)
+    return out
+
+
+def dequantize_q6(blocks, columns):
+    """float32 values [rows, columns] of q6 `blocks` [rows, blocks per row]: (d * sc) * (q - 32),
+    rounded once (the product of d with the 8-bit scale is exact)."""
+    blocks = np.asarray(blocks).view(Q6_BLOCK_DTYPE)
+    ql = blocks["ql"].reshape(blocks.shape + (2, 2, 32))  # [half, pair, l]
+    qh = blocks["qh"].reshape(blocks.shape + (2, 1, 32))
+    low = np.concatenate([ql & 0xF, ql >> 4], axis=-2)  # [half, quarter, l]
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+    levels = (low | (high << 4)).astype(np.float32) - np.float32(32)
+    step = blocks["d"].astype(np.float32)[..., None] * blocks["scales"].astype(np.float32)
+    values = step.reshape(blocks.shape + (16, 1)) * levels.reshape(blocks.shape + (16, 16))
     return values.reshape(len(blocks), -1)[:, :columns]

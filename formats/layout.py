@@ -4,7 +4,7 @@ reader (to check)."""
 
 NORM_DTYPE = "f32"
 MAX_WORLD_SIZE = 4096  # the runtime's limit, and the manifest schema's
-WEIGHT_DTYPES = ("bf16", "f16", "f32", "q8", "q4")
+WEIGHT_DTYPES = ("bf16", "f16", "f32", "q8", "q4", "q6")
 # The groups of weight matrices whose dtype layout.dtype_overrides may set, by rank tensor.
 GROUPS = ("embed", "lm_head", "qkv", "o_proj", "gate_up", "down")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import _core
 
 MAGIC = b"Q3PACK\r\n"
-VERSION = (1, 2)
+VERSION = (1, 3)
 PREFIX = struct.Struct("<8sHHIIIQQQ16s")  # magic, major, minor, rank, world_size, header_crc32c,
 #                                           header_length, data_offset, file_size, conversion_id
 assert PREFIX.size == 64

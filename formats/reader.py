@@ -37,7 +37,7 @@ class RankFile:
 
     def array(self, name):
         """A read-only memory-mapped view of one tensor's values (bf16 as ml_dtypes.bfloat16);
-        a q8 or q4 tensor's values dequantized, in a new float32 array."""
+        a q8, q4 or q6 tensor's values dequantized, in a new float32 array."""
         record = self.tensors[name]
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
@@ -300,7 +300,7 @@ def open(directory, ranks=None):
 
 def gather(directory, name):
     """The global Hugging Face tensor `name`, rebuilt from the slices that the ranks hold (in the
-    stored dtype: bf16 as ml_dtypes.bfloat16, numpy's bf16; q8, q4 dequantized to float32, each
+    stored dtype: bf16 as ml_dtypes.bfloat16, numpy's bf16; q8, q4, q6 dequantized to float32, each
     rank's blocks without their padding). Copies of replicated slices must agree."""
     converted = directory if isinstance(directory, ConvertedModel) else open(directory)
     if name not in converted.manifest["tensors"]:

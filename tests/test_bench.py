@@ -120,8 +120,8 @@ def test_the_quick_accuracy_benchmark_trains_a_model_and_reports_each_conversion
     assert results["steps"] == 2 and results["training_tokens"] > results["held_out_tokens"] > 0
     assert results["perplexity"] > 1
     kl = {name: a["mean_kl"] for name, a in results["against_f32"].items()}
-    assert set(kl) == {"bf16", "q8", "q4", "q4, embed q4"}
-    assert 0 < kl["bf16"] < kl["q8"] < kl["q4"] < kl["q4, embed q4"]  # fewer bits, more error
+    assert set(kl) == {"bf16", "q8", "q6", "q4", "q4, embed q8", "q4, embed q4"}
+    assert 0 < kl["bf16"] < kl["q8"] < kl["q6"] < kl["q4"] < kl["q4, embed q4"]  # fewer bits, more error
     assert all(0 <= a["top1"] <= 1 for a in results["against_f32"].values())
     table = capsys.readouterr().out
     for line in ("trained 2 steps", "f32 perplexity", "against the f32 conversion", "q4, embed q4"):

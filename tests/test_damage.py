@@ -107,7 +107,7 @@ def test_a_newer_major_version_is_refused_with_a_clear_message(model):
     data = bytearray(path.read_bytes())
     struct.pack_into("<H", data, 8, 2)
     path.write_bytes(data)
-    with pytest.raises(FormatError, match=r"format version 2\.2 is newer than this reader \(1\.2\)"):
+    with pytest.raises(FormatError, match=r"format version 2\.3 is newer than this reader \(1\.3\)"):
         formats.open(model)
 
 

@@ -62,14 +62,14 @@ def test_resharding_2_4_1_8_2_equals_converting_at_each_size(tmp_path, checkpoin
         previous = resharded
 
 
-# q8 and q4 blocks (32 and 256 values) lie along each row's input dimension, quantized per rank
+# q8 blocks (32 values) and q4 and q6 blocks (256) lie along each row's input dimension, quantized per rank
 # slice: o_proj has 512 columns (8 heads of 64) and down_proj 512, so every rank's slice is whole
-# q8 blocks up to tp 8 and whole q4 blocks up to tp 2.
+# q8 blocks up to tp 8 and whole q4 and q6 blocks up to tp 2.
 BLOCKS = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=512,
               vocab_size=383)
 
 
-@pytest.mark.parametrize("dtype, sizes", [("q8", (4, 1, 8, 2)), ("q4", (1, 2))])
+@pytest.mark.parametrize("dtype, sizes", [("q8", (4, 1, 8, 2)), ("q4", (1, 2)), ("q6", (1, 2))])
 def test_quantized_models_reshard_in_whole_blocks_to_what_converting_at_each_size_writes(
         tmp_path, checkpoints, dtype, sizes):
     checkpoint = checkpoints(trained_like=True, **BLOCKS)
@@ -105,7 +105,7 @@ def test_the_manifest_records_the_reshard_and_keeps_the_checkpoint_files(tmp_pat
         "sources": source["provenance"]["sources"],
         "resharded_from": {"conversion_id": source["conversion_id"], "tp": 2},
     }
-    identity = {"format": [1, 2], "reshard": {"conversion_id": source["conversion_id"], "tp": 4}}
+    identity = {"format": [1, 3], "reshard": {"conversion_id": source["conversion_id"], "tp": 4}}
     assert resharded["conversion_id"] == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     assert {r.conversion_id.hex() for r in formats.open(tmp_path / "tp4").ranks} == {resharded["conversion_id"]}
 

@@ -359,7 +359,7 @@ std::vector<FloatArray> run_forward(q3p::Engine& engine, const std::vector<q3p::
 }
 
 // The rows of x quantized to activation blocks, then their product with every row of the
-// quantized weights w by `kernel` (Args: MatmulQ8Args or MatmulQ4Args).
+// quantized weights w by `kernel` (Args: MatmulQ8Args, MatmulQ4Args or MatmulQ6Args).
 template <class Args, class Activations, class Quantize, class Kernel>
 FloatArray quantized_product(const float* x, size_t n, size_t in, size_t out, const void* w, size_t blocks,
                              Quantize quantize, Kernel kernel) {
@@ -379,7 +379,7 @@ FloatArray quantized_product(const float* x, size_t n, size_t in, size_t out, co
 
 // y = x W^T with one instruction set's kernel, as the engine runs it (for the kernel tests).
 // W holds the raw values of dtype `dtype` (f32, or the 16-bit patterns of bf16/f16), or for q8
-// and q4 the bytes of its rows of blocks, [out, row bytes] (x is then quantized as the engine does).
+// q4 and q6 the bytes of its rows of blocks, [out, row bytes] (x is then quantized as the engine does).
 FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu> x,
                            nb::ndarray<nb::ndim<2>, nb::c_contig, nb::device::cpu> w, const std::string& dtype,
                            const std::string& isa, const std::string& activations) {
@@ -388,7 +388,7 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
   if (activations != "f32" && (activations != "bf16" || dt != q3p::DType::BF16))
     throw q3p::UsageError("activations must be 'f32', or 'bf16' for bf16 weights, got '" + activations + "'");
   const size_t n = x.shape(0), in = x.shape(1), out = w.shape(0);
-  const bool blocks = dt == q3p::DType::Q8 || dt == q3p::DType::Q4;
+  const bool blocks = dt == q3p::DType::Q8 || dt == q3p::DType::Q4 || dt == q3p::DType::Q6;
   if (blocks ? w.shape(1) * w.itemsize() != q3p::row_bytes(dt, in) : (w.shape(1) != in || w.itemsize() != q3p::dtype_size(dt)))
     throw q3p::UsageError("w must be [out, in] of " + dtype + " values");
   const q3p::Kernels kernel = q3p::select_kernels(isa.c_str());
@@ -398,6 +398,9 @@ FloatArray matmul_with_isa(nb::ndarray<const float, nb::ndim<2>, nb::c_contig, n
   if (dt == q3p::DType::Q4)
     return quantized_product<q3p::MatmulQ4Args, q3p::BlockQ8K>(x.data(), n, in, out, w.data(), q3p::q4_blocks(in),
                                                                q3p::quantize_row_q8k, kernel.matmul_q4);
+  if (dt == q3p::DType::Q6)
+    return quantized_product<q3p::MatmulQ6Args, q3p::BlockQ8K16>(x.data(), n, in, out, w.data(), q3p::q4_blocks(in),
+                                                                 q3p::quantize_row_q8k16, kernel.matmul_q6);
   std::vector<float> y(n * out);
   q3p::MatmulArgs a;
   a.x = x.data();
@@ -549,11 +552,12 @@ nb::ndarray<nb::numpy, uint8_t> quantize_q8_weights(WeightRows<T> x) {
   return make_array(std::move(out), {rows, blocks * sizeof(q3p::BlockQ8)});
 }
 
-template <class T>
-nb::ndarray<nb::numpy, uint8_t> quantize_q4_weights(WeightRows<T> x) {
+// Rows quantized by a search (q4, q6: Block, quantize_rows_*_weights) into blocks of 256.
+template <class Block, class T, class Quantize>
+nb::ndarray<nb::numpy, uint8_t> quantize_searched(WeightRows<T> x, Quantize quantize) {
   const size_t rows = x.shape(0), columns = x.shape(1), blocks = q3p::q4_blocks(columns);
-  std::vector<uint8_t> out(rows * blocks * sizeof(q3p::BlockQ4));
-  auto* stored = reinterpret_cast<q3p::BlockQ4*>(out.data());
+  std::vector<uint8_t> out(rows * blocks * sizeof(Block));
+  auto* stored = reinterpret_cast<Block*>(out.data());
   // The search costs about 200 operations a weight: every core takes rows, one at a time, so that
   // a core that another thread slows (the converter's hashing) leaves its share to the others.
   const size_t threads = std::max<size_t>(1, std::min<size_t>(std::thread::hardware_concurrency(), rows));
@@ -564,8 +568,7 @@ nb::ndarray<nb::numpy, uint8_t> quantize_q4_weights(WeightRows<T> x) {
     auto quantize_rows = [&] {
       std::vector<float> scratch;
       for (size_t r; ok.load(std::memory_order_relaxed) && (r = next_row.fetch_add(1)) < rows;)
-        if (!q3p::quantize_rows_q4_weights(f32_row(x.data(), r, columns, scratch), 1, columns, stored + r * blocks))
-          ok = false;
+        if (!quantize(f32_row(x.data(), r, columns, scratch), 1, columns, stored + r * blocks)) ok = false;
     };
     std::vector<std::thread> pool;
     for (size_t t = 1; t < threads; ++t) pool.emplace_back(quantize_rows);
@@ -573,7 +576,17 @@ nb::ndarray<nb::numpy, uint8_t> quantize_q4_weights(WeightRows<T> x) {
     for (std::thread& thread : pool) thread.join();
   }
   if (!ok) throw std::overflow_error("a block's scale exceeds the f16 range");
-  return make_array(std::move(out), {rows, blocks * sizeof(q3p::BlockQ4)});
+  return make_array(std::move(out), {rows, blocks * sizeof(Block)});
+}
+
+template <class T>
+nb::ndarray<nb::numpy, uint8_t> quantize_q4_weights(WeightRows<T> x) {
+  return quantize_searched<q3p::BlockQ4>(x, q3p::quantize_rows_q4_weights);
+}
+
+template <class T>
+nb::ndarray<nb::numpy, uint8_t> quantize_q6_weights(WeightRows<T> x) {
+  return quantize_searched<q3p::BlockQ6>(x, q3p::quantize_rows_q6_weights);
 }
 
 // A converter's quantizer under one name for both of its inputs: float32 values, or bf16 bit
@@ -620,7 +633,7 @@ NB_MODULE(_core, m) {
   m.def("to_bf16", &to_bf16, "x"_a, "float32 values rounded to bf16 (ties to even), as uint16 bit patterns.");
   m.def("silu_mul", &silu_mul, "gate"_a, "up"_a, "silu(gate) * up, as the MLP computes it.");
   m.def("matmul", &matmul_with_isa, "x"_a, "w"_a, "dtype"_a, "isa"_a, "activations"_a = "f32",
-        "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8/q4 "
+        "x @ W.T with the kernel of instruction set `isa` (W: f32 values or bf16/f16 bit patterns, or q8/q4/q6 "
         "rows of blocks as bytes [out, row bytes]; activations='bf16': x rounded to bf16 first, as "
         "load(..., activations='bf16') does).");
   def_quantizer(m, "quantize_q8_weights", &quantize_q8_weights<float>, &quantize_q8_weights<uint16_t>,
@@ -628,6 +641,9 @@ NB_MODULE(_core, m) {
                 "the same bytes)");
   def_quantizer(m, "quantize_q4_weights", &quantize_q4_weights<float>, &quantize_q4_weights<uint16_t>,
                 "as q4 blocks [rows, blocks * 144 bytes], by the converter's rule (formats.dtypes.quantize_q4 gives "
+                "the same bytes), over every core");
+  def_quantizer(m, "quantize_q6_weights", &quantize_q6_weights<float>, &quantize_q6_weights<uint16_t>,
+                "as q6 blocks [rows, blocks * 210 bytes], by the converter's rule (formats.dtypes.quantize_q6 gives "
                 "the same bytes), over every core");
   m.def("quantize_q8", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> x) {
           const size_t n = x.shape(0);

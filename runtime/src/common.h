@@ -58,10 +58,11 @@ struct ClosedError : std::runtime_error {
 };
 
 // Q8: blocks of 32 values along a row, each an f16 scale and 32 int8 values; Q4: blocks of 256
-// values, 8 sub-blocks of 32 with 6-bit scales and minimums and 4-bit values (quant.h).
-enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4 };
+// values, 8 sub-blocks of 32 with 6-bit scales and minimums and 4-bit values; Q6: blocks of 256
+// values, 16 sub-blocks of 16 with 8-bit scales and 6-bit values (quant.h).
+enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q6 = 5 };
 
-// The element size of a plain dtype (not of Q8 or Q4: see row_bytes).
+// The element size of a plain dtype (not of Q8, Q4 or Q6: see row_bytes).
 inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
 inline const char* dtype_name(DType t) {
   switch (t) {
@@ -69,7 +70,8 @@ inline const char* dtype_name(DType t) {
     case DType::F16: return "f16";
     case DType::BF16: return "bf16";
     case DType::Q8: return "q8";
-    default: return "q4";
+    case DType::Q4: return "q4";
+    default: return "q6";
   }
 }
 // Returns false for an unknown name.
@@ -79,16 +81,18 @@ inline bool parse_dtype(const std::string& s, DType* out) {
   else if (s == "bf16") *out = DType::BF16;
   else if (s == "q8") *out = DType::Q8;
   else if (s == "q4") *out = DType::Q4;
+  else if (s == "q6") *out = DType::Q6;
   else return false;
   return true;
 }
 
 // Bytes of one stored row of `cols` values: Q8 rows are whole blocks of 32 (34 bytes each), Q4
-// rows whole blocks of 256 (144 bytes each), the last one padded with zeros. cols <= 2^32, as the
-// loader checks, so nothing overflows.
+// and Q6 rows whole blocks of 256 (144 and 210 bytes each), the last one padded with zeros.
+// cols <= 2^32, as the loader checks, so nothing overflows.
 inline uint64_t row_bytes(DType t, uint64_t cols) {
   if (t == DType::Q8) return (cols + 31) / 32 * 34;
   if (t == DType::Q4) return (cols + 255) / 256 * 144;
+  if (t == DType::Q6) return (cols + 255) / 256 * 210;
   return cols * dtype_size(t);
 }
 

@@ -236,6 +236,7 @@ std::vector<float> Engine::forward(const std::vector<ForwardRequest>& batch) {
     w.query_block.resize(T * kQueryBlock * (Nq / Nkv) * (2 * D + 2));
     if (layout_.stores(DType::Q8)) w.xq.resize(N * q8_blocks(std::max({H, Nq * D, I})));
     if (layout_.stores(DType::Q4)) w.xq4.resize(N * q4_blocks(std::max({H, Nq * D, I})));
+    if (layout_.stores(DType::Q6)) w.xq6.resize(N * q4_blocks(std::max({H, Nq * D, I})));
     if (bf16_activations_) w.x_bf16.resize(N * std::max({H, Nq * D, I}));
   }
   if (holds_logits) gathered_.resize(W * S * V);
@@ -301,7 +302,7 @@ void for_row_chunks(ThreadPool& pool, size_t rows, const Compute& compute) {
   pool.run_chunks(rows, matmul_chunk_rows(rows, static_cast<size_t>(pool.size())), compute);
 }
 
-// A product on quantized weights (Args: MatmulQ8Args or MatmulQ4Args, quant.h): the activations
+// A product on quantized weights (Args: MatmulQ8Args, MatmulQ4Args or MatmulQ6Args, quant.h): the activations
 // are quantized once, a block row per token (a small cost next to the product: n * in values
 // against in * out weights), then the threads compute chunks of rows with integer dot products.
 template <class Args, class Activations, class Quantize, class Kernel>
@@ -336,6 +337,8 @@ void Engine::matmul(int rank, const float* x, size_t n, const TensorView& w, flo
     return quantized_matmul<MatmulQ8Args>(pool, a, work.xq.data(), q8_blocks(a.in), quantize_row_q8, kernels_.matmul_q8);
   if (w.dtype == DType::Q4)  // activations in blocks of 256 (quant.h)
     return quantized_matmul<MatmulQ4Args>(pool, a, work.xq4.data(), q4_blocks(a.in), quantize_row_q8k, kernels_.matmul_q4);
+  if (w.dtype == DType::Q6)  // activations in blocks of 256, with sums of 16 (quant.h)
+    return quantized_matmul<MatmulQ6Args>(pool, a, work.xq6.data(), q4_blocks(a.in), quantize_row_q8k16, kernels_.matmul_q6);
   if (bf16_activations_ && w.dtype == DType::BF16) {  // rounded once here, for all the threads' rows
     uint16_t* x_bf16 = work.x_bf16.data();
     parallel_for(pool, n, [&](int, size_t b, size_t e) { to_bf16(x + b * a.in, x_bf16 + b * a.in, (e - b) * a.in); });
@@ -359,7 +362,7 @@ void Engine::rank_forward(int rank) {
   // Embedding: rank g holds vocabulary rows [g * V, (g + 1) * V) (g = first_rank() + rank); the others are zero
   // here, and the all-reduce assembles every token's row (adding exact zeros).
   const int64_t first_row = static_cast<int64_t>(first_rank() + rank) * static_cast<int64_t>(V);
-  const size_t embed_row = row_bytes(wt.embed.dtype, H);  // a q8 or q4 row is dequantized on lookup
+  const size_t embed_row = row_bytes(wt.embed.dtype, H);  // a q8, q4 or q6 row is dequantized on lookup
   parallel_for(pool, N, [&](int, size_t b, size_t e) {
     for (size_t t = b; t < e; ++t) {
       const int64_t local = tok_ids_[t] - first_row;

@@ -108,6 +108,7 @@ class Engine {
     AlignedVector<float> query_block;    // per pool thread: a query block's queries, outputs and softmax state
     AlignedVector<BlockQ8Act> xq;  // the activations of a product on q8 weights, quantized
     AlignedVector<BlockQ8K> xq4;  // and on q4 weights
+    AlignedVector<BlockQ8K16> xq6;  // and on q6 weights
     AlignedVector<uint16_t> x_bf16;  // a matrix product's input rounded to bf16 (bf16_activations)
   };
   struct QueryBlock {  // up to kQueryBlock consecutive tokens of one sequence (attend_block)

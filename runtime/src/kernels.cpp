@@ -61,6 +61,8 @@ void to_f32(const void* src, DType dt, float* dst, size_t n) {
     dequantize_row_q8(static_cast<const BlockQ8*>(src), dst, n);
   } else if (dt == DType::Q4) {
     dequantize_row_q4(static_cast<const BlockQ4*>(src), dst, n);
+  } else if (dt == DType::Q6) {
+    dequantize_row_q6(static_cast<const BlockQ6*>(src), dst, n);
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     size_t i = 0;
@@ -163,6 +165,7 @@ Kernels kernel_for(Isa isa) {
   Kernels k = matrix_kernels_for(isa);
   k.matmul_q8 = matmul_q8_for(k.isa);
   k.matmul_q4 = matmul_q4_for(k.isa);
+  k.matmul_q6 = matmul_q6_for(k.isa);
   return k;
 }
 }  // namespace

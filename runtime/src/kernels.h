@@ -8,7 +8,7 @@
 
 namespace q3p {
 
-// dst[i] = src[i] as f32, for n elements of dtype `dt` (Q8, Q4: the first n values of a row of blocks).
+// dst[i] = src[i] as f32, for n elements of dtype `dt` (Q8, Q4, Q6: the first n values of a row of blocks).
 void to_f32(const void* src, DType dt, float* dst, size_t n);
 
 // dst[i] = the bf16 bits of src[i] rounded to nearest even (NaN stays NaN), for n elements: the
@@ -32,6 +32,7 @@ struct MatmulArgs {
 
 struct MatmulQ8Args;  // quant.h
 struct MatmulQ4Args;
+struct MatmulQ6Args;
 
 // Attention keys are visited in tiles of at most this many consecutive keys, cut at multiples of
 // it (and of a sliding layer's ring) in absolute positions: a query's tiles, and so the order of
@@ -82,6 +83,9 @@ struct Kernels {
   // The rows [o0, o1) of a product on q4 weights (quant.h).
   using MatmulQ4 = void (*)(const MatmulQ4Args& a, size_t o0, size_t o1);
   MatmulQ4 matmul_q4 = nullptr;
+  // The rows [o0, o1) of a product on q6 weights (quant.h).
+  using MatmulQ6 = void (*)(const MatmulQ6Args& a, size_t o0, size_t o1);
+  MatmulQ6 matmul_q6 = nullptr;
 };
 
 // The kernels named by `forced` (QWEN3PACK_ISA: "avx512", "avx2" or "generic") or, when

@@ -1,4 +1,4 @@
-// q8 and q4: quantization and the portable products, the reference that the SIMD products match
+// q8, q4 and q6: quantization and the portable products, the reference that the SIMD products match
 // bit for bit (see quant.h for the order of the sums).
 #include "quant.h"
 
@@ -446,6 +446,214 @@ Kernels::MatmulQ4 matmul_q4_for(Isa isa) {
 #endif
   (void)isa;
   return matmul_q4_generic;
+}
+
+// ---- q6 ----
+
+void quantize_row_q8k16(const float* x, size_t n, BlockQ8K16* out) {
+  for (size_t b = 0; b < q4_blocks(n); ++b) {
+    out[b].d = quantize_block(x + b * kQ4Block, std::min(kQ4Block, n - b * kQ4Block), kQ4Block, out[b].q);
+    for (size_t j = 0; j < kQ4Block / kQ6Sub; ++j) {
+      int sum = 0;
+      for (size_t i = 0; i < kQ6Sub; ++i) sum += out[b].q[j * kQ6Sub + i];
+      out[b].sum[j] = static_cast<int16_t>(sum);  // |sum| <= 16 * 127
+    }
+  }
+}
+
+namespace {
+
+// The 6-bit level of value v < 256 of a block (BlockQ6's layout).
+inline int q6_value(const BlockQ6& block, size_t v) {
+  const size_t h = v / 128, c = (v % 128) / 32, l = v % 32;
+  const int low = (block.ql[64 * h + 32 * (c % 2) + l] >> (4 * (c / 2))) & 0xF;
+  const int high = (block.qh[32 * h + l] >> (2 * c)) & 3;
+  return low | (high << 4);
+}
+
+float dot_q6(const BlockQ6* w, const BlockQ8K16* x, size_t blocks) {
+  float acc[16] = {}, mins[8] = {};
+  for (size_t b = 0; b < blocks; ++b) {
+    const float s = f16_to_f32(w[b].d) * x[b].d;
+    for (size_t k = 0; k < 16; ++k) {  // k = 4i + m, m = 2e + p (quant.h)
+      const size_t i = k / 4, e = (k % 4) / 2, p = k % 2;
+      int32_t sum = 0;
+      for (size_t h = 0; h < 2; ++h) {
+        const size_t first = 128 * h + 64 * e + 16 * i + 8 * p;
+        int32_t products = 0;
+        for (size_t v = first; v < first + 8; ++v) products += q6_value(w[b], v) * int32_t(x[b].q[v]);
+        sum += int32_t(w[b].scales[8 * h + 4 * e + i]) * products;
+      }
+      acc[k] = std::fma(s, static_cast<float>(sum), acc[k]);
+    }
+    for (size_t k = 0; k < 8; ++k) {
+      const int32_t m = int32_t(w[b].scales[2 * k]) * x[b].sum[2 * k] + int32_t(w[b].scales[2 * k + 1]) * x[b].sum[2 * k + 1];
+      mins[k] = std::fma(s, static_cast<float>(32 * m), mins[k]);
+    }
+  }
+  for (size_t k = 0; k < 8; ++k) acc[k] += acc[k + 8];
+  for (size_t width = 4; width > 0; width /= 2)
+    for (size_t k = 0; k < width; ++k) acc[k] += acc[k + width], mins[k] += mins[k + width];
+  return acc[0] - mins[0];
+}
+
+}  // namespace
+
+void dequantize_row_q6(const BlockQ6* blocks, float* dst, size_t n) {
+  for (size_t v = 0; v < n; ++v) {
+    const BlockQ6& block = blocks[v / kQ4Block];
+    const float step = f16_to_f32(block.d) * static_cast<float>(block.scales[(v % kQ4Block) / kQ6Sub]);  // exact
+    dst[v] = step * static_cast<float>(q6_value(block, v % kQ4Block) - 32);
+  }
+}
+
+void matmul_q6_generic(const MatmulQ6Args& a, size_t o0, size_t o1) {
+  const size_t blocks = q4_blocks(a.in);
+  for (size_t o = o0; o < o1; ++o)
+    for (size_t t = 0; t < a.n; ++t) a.y[t * a.out + o] = dot_q6(a.w + o * blocks, a.x + t * blocks, blocks);
+}
+
+Kernels::MatmulQ6 matmul_q6_for(Isa isa) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (isa == Isa::Avx512 && __builtin_cpu_supports("avx512vnni")) return matmul_q6_avx512vnni;
+  if (isa == Isa::Avx512 || isa == Isa::Avx2) return matmul_q6_avx2;
+#endif
+  (void)isa;
+  return matmul_q6_generic;
+}
+
+// ---- The converter's q6 quantizer (formats/SPEC.md, "Quantized weights: q6") ----
+//
+// As the q4 quantizer: N sub-blocks are fitted at once, one per lane, each width compiled for its
+// instruction set, every f32 operation the SPEC's in its order.
+
+namespace {
+
+constexpr float kGroupMaxEps = 1e-15f;  // llama.cpp's: a sub-block or block this small is zero
+
+// The sum of the 16 rows of v by halving: v[i] + v[i + 8], then + 4, + 2, + 1.
+template <class V>
+Q3P_INLINE V sum16(const V* v) {
+  V t[8];
+  for (size_t i = 0; i < 8; ++i) t[i] = v[i] + v[i + 8];
+  for (size_t width = 4; width > 0; width /= 2)
+    for (size_t i = 0; i < width; ++i) t[i] = t[i] + t[i + width];
+  return t[0];
+}
+
+// The scale of N sub-blocks x[16] (row i: value i of each; SPEC step 1).
+template <size_t N>
+Q3P_INLINE void fit_q6_sub_blocks(const typename Lanes<N>::Vec* x, float* scale_out) {
+  using Vec = typename Lanes<N>::Vec;
+  using Bits = typename Lanes<N>::Bits;
+  const Vec zero = splat<Vec>(0.0f), one = splat<Vec>(1.0f);
+  Vec largest_magnitude = zero, largest = zero;
+  Vec w[16], wx[16];
+  for (size_t i = 0; i < 16; ++i) {
+    const Vec magnitude = reinterpret_cast<Vec>(reinterpret_cast<Bits>(x[i]) & 0x7FFFFFFF);  // std::fabs
+    largest = magnitude > largest_magnitude ? x[i] : largest;  // the first of the largest |x|
+    largest_magnitude = magnitude > largest_magnitude ? magnitude : largest_magnitude;
+    w[i] = x[i] * x[i];
+    wx[i] = w[i] * x[i];
+  }
+  const Vec divisor = largest_magnitude < kGroupMaxEps ? one : largest;
+  Vec lx[16], ll[16];
+  auto fit = [&](float count, Vec& sum_lx, Vec& sum_ll) __attribute__((always_inline)) {
+    const Vec iscale = -count / divisor;
+    for (size_t i = 0; i < 16; ++i) {
+      Vec l = round_even_lanes(iscale * x[i]);
+      l = l < -32.0f ? splat<Vec>(-32.0f) : l;
+      l = l > 31.0f ? splat<Vec>(31.0f) : l;
+      lx[i] = wx[i] * l;
+      ll[i] = (w[i] * l) * l;
+    }
+    sum_lx = sum16(lx), sum_ll = sum16(ll);
+  };
+  Vec sum_lx, sum_ll;
+  fit(32.0f, sum_lx, sum_ll);
+  Vec scale = sum_ll > zero ? sum_lx / (sum_ll > zero ? sum_ll : one) : zero;
+  Vec best = scale * sum_lx;
+  for (int k = -9; k <= 9; ++k) {
+    if (k == 0) continue;
+    fit(32.0f + 0.1f * static_cast<float>(k), sum_lx, sum_ll);
+    const Vec fitted = sum_lx / (sum_ll > zero ? sum_ll : one);
+    const auto better = (sum_ll > zero) & (sum_lx * sum_lx > best * sum_ll);
+    scale = better ? fitted : scale;
+    best = better ? fitted * sum_lx : best;
+  }
+  const Vec fitted_scale = largest_magnitude < kGroupMaxEps ? zero : scale;
+  std::memcpy(scale_out, &fitted_scale, sizeof fitted_scale);
+}
+
+template <size_t N>
+Q3P_INLINE bool quantize_rows_q6(const float* x, size_t rows, size_t n, BlockQ6* out) {
+  const size_t blocks = q4_blocks(n), subs = blocks * (kQ4Block / kQ6Sub);
+  std::vector<float> padded(blocks * kQ4Block), scale(subs + N);
+  float staged[16][N];  // row i: value i of each sub-block
+  typename Lanes<N>::Vec columns[16];
+  for (size_t r = 0; r < rows; ++r) {
+    std::copy(x + r * n, x + (r + 1) * n, padded.begin());
+    std::fill(padded.begin() + static_cast<std::ptrdiff_t>(n), padded.end(), 0.0f);
+    for (size_t first = 0; first < subs; first += N) {
+      for (size_t s = 0; s < N; ++s)  // past the row's sub-blocks: zeros, fitted and dropped
+        for (size_t i = 0; i < 16; ++i) staged[i][s] = first + s < subs ? padded[(first + s) * kQ6Sub + i] : 0.0f;
+      std::memcpy(columns, staged, sizeof columns);
+      fit_q6_sub_blocks<N>(columns, scale.data() + first);
+    }
+    for (size_t b = 0; b < blocks; ++b) {
+      const float* sub_scale = scale.data() + b * 16;
+      float largest = 0.0f, largest_magnitude = 0.0f;
+      for (size_t j = 0; j < 16; ++j)
+        if (std::fabs(sub_scale[j]) > largest_magnitude) largest_magnitude = std::fabs(sub_scale[j]), largest = sub_scale[j];
+      BlockQ6& block = out[r * blocks + b];
+      std::memset(&block, 0, sizeof block);
+      if (largest_magnitude < kGroupMaxEps) continue;  // a zero block: zero bytes
+      const float iscale = -128.0f / largest;
+      block.d = f32_to_f16(1.0f / iscale);
+      if ((block.d & 0x7FFFu) == 0x7C00u) return false;
+      const float d = f16_to_f32(block.d);
+      const float* v = padded.data() + b * kQ4Block;
+      uint8_t levels[kQ4Block];
+      for (size_t j = 0; j < 16; ++j) {
+        const float code = std::min(127.0f, std::max(-128.0f, round_even(iscale * sub_scale[j])));
+        block.scales[j] = static_cast<int8_t>(code);
+        const float step = d * code;
+        for (size_t i = 0; i < kQ6Sub; ++i) {
+          const float level = std::min(31.0f, std::max(-32.0f, round_even(v[j * kQ6Sub + i] / step)));
+          levels[j * kQ6Sub + i] = step != 0.0f ? static_cast<uint8_t>(level + 32.0f) : 0;
+        }
+      }
+      for (size_t h = 0; h < 2; ++h)
+        for (size_t l = 0; l < 32; ++l) {
+          const uint8_t* q = levels + 128 * h + l;  // quarters c = 0..3 at q[32c]
+          block.ql[64 * h + l] = static_cast<uint8_t>((q[0] & 0xF) | ((q[64] & 0xF) << 4));
+          block.ql[64 * h + 32 + l] = static_cast<uint8_t>((q[32] & 0xF) | ((q[96] & 0xF) << 4));
+          block.qh[32 * h + l] = static_cast<uint8_t>((q[0] >> 4) | ((q[32] >> 4) << 2) | ((q[64] >> 4) << 4) | ((q[96] >> 4) << 6));
+        }
+    }
+  }
+  return true;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) bool quantize_rows_q6_avx512(const float* x, size_t rows, size_t n, BlockQ6* out) {
+  return quantize_rows_q6<16>(x, rows, n, out);
+}
+__attribute__((target("avx2"))) bool quantize_rows_q6_avx2(const float* x, size_t rows, size_t n, BlockQ6* out) {
+  return quantize_rows_q6<8>(x, rows, n, out);
+}
+#endif
+
+}  // namespace
+
+bool quantize_rows_q6_weights(const float* x, size_t rows, size_t n, BlockQ6* out) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return quantize_rows_q6_avx512(x, rows, n, out);
+  if (__builtin_cpu_supports("avx2")) return quantize_rows_q6_avx2(x, rows, n, out);
+#endif
+  return quantize_rows_q6<4>(x, rows, n, out);
 }
 
 }  // namespace q3p

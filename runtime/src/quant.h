@@ -1,4 +1,4 @@
-// q8 and q4 blocks (formats/SPEC.md, "Quantized weights") and the products on them.
+// q8, q4 and q6 blocks (formats/SPEC.md, "Quantized weights") and the products on them.
 //
 // A weight row of `in` values is ceil(in / 32) blocks {f16 d; int8 q[32]}, value = q * d, the
 // last block padded with zeros. Activations are quantized the same way once per matmul (scale in
@@ -135,5 +135,69 @@ void matmul_q4_avx512vnni(const MatmulQ4Args& a, size_t o0, size_t o1);
 
 // The q4 product of an instruction set, chosen as matmul_q8_for chooses.
 Kernels::MatmulQ4 matmul_q4_for(Isa isa);
+
+// ---- q6: llama.cpp's block_q6_K ----
+//
+// A weight row of `in` values is ceil(in / 256) blocks of 16 sub-blocks of 16 values, the last
+// block padded with zeros. Value i of sub-block j is (d * sc_j) * (q_i - 32), with d the block's
+// f16 scale, sc_j its signed 8-bit sub-block scales, q_i 6 bits unsigned. Activations are
+// quantized per block of 256 as for q4, with each 16 values' sum (BlockQ8K16), so that a block's
+// products add up in integers:
+//   x . w = (d x.d) (sum_j sc_j (sum_i q_i x.q_i) - 32 sum_j sc_j x.sum_j).
+// Every kernel computes it in this order (the integer sums are exact, and below 2^24 so that their
+// conversions to f32 are too; only the steps below round):
+//   acc[16] = 0, mins[8] = 0
+//   for each block in order, with s = d * x.d (rounded once):
+//     for k = 4i + m (i, m < 4), e = m / 2, p = m % 2:
+//       I_k = sum over h < 2 of sc_j * (the 8 products q_i x.q_i of values
+//             [128h + 64e + 16i + 8p, ... + 8)), j = 8h + 4e + i (that range's sub-block)
+//       acc[k] = fma(s, float(I_k), acc[k])
+//     for k < 8: mins[k] = fma(s, float(32 * (sc_2k x.sum_2k + sc_2k+1 x.sum_2k+1)), mins[k])
+//   y = A - B, A and B = acc and mins reduced pairwise: v[k] += v[k + w] for w = 8 (acc only), 4,
+//   2, 1, then v[0].
+// (I_k's grouping is what vpdpbusd's sums of 4 products give, packed to 16 bits two quarters of a
+// block at a time, then one vpdpwssd with their scales: kernels_q6_tiles.inc.)
+
+constexpr size_t kQ6Sub = 16;
+
+struct BlockQ6 {              // a stored block of weights: 210 bytes, as llama.cpp's block_q6_K
+  uint8_t ql[kQ4Block / 2];   // low 4 bits: byte 64h + 32c' + l holds value 128h + 32c' + l (low
+                              // nibble) and value 128h + 32c' + 64 + l (high nibble), c' < 2
+  uint8_t qh[kQ4Block / 4];   // high 2 bits: bits 2c of byte 32h + l belong to value 128h + 32c + l
+  int8_t scales[kQ4Block / kQ6Sub];
+  uint16_t d;                 // f16
+};
+static_assert(sizeof(BlockQ6) == 210, "q6 blocks are 210 bytes in the file");
+
+struct BlockQ8K16 {  // 256 activations, quantized for one matmul on q6 weights
+  float d;            // max |x| / 127
+  int16_t sum[16];    // each 16 values' sum of q
+  int8_t q[kQ4Block];
+};
+
+// Quantizes n values into q4_blocks(n) activation blocks (zeros beyond n) as quantize_row_q8k does.
+void quantize_row_q8k16(const float* x, size_t n, BlockQ8K16* out);
+// The first n values of q6 blocks, as f32: (d * sc) * (q - 32), rounded once.
+void dequantize_row_q6(const BlockQ6* blocks, float* dst, size_t n);
+// Quantizes `rows` rows of n weights into q4_blocks(n) stored q6 blocks each, by the converter's
+// rule (formats/SPEC.md: the same bytes as formats.dtypes.quantize_q6). Returns false, leaving
+// `out` unfinished, when a block's scale exceeds f16's range.
+bool quantize_rows_q6_weights(const float* x, size_t rows, size_t n, BlockQ6* out);
+
+struct MatmulQ6Args {
+  const BlockQ8K16* x = nullptr;
+  size_t n = 0, in = 0, out = 0;
+  const BlockQ6* w = nullptr;
+  float* y = nullptr;
+};
+
+void matmul_q6_generic(const MatmulQ6Args& a, size_t o0, size_t o1);
+#if defined(__x86_64__)
+void matmul_q6_avx2(const MatmulQ6Args& a, size_t o0, size_t o1);
+void matmul_q6_avx512vnni(const MatmulQ6Args& a, size_t o0, size_t o1);
+#endif
+
+// The q6 product of an instruction set, chosen as matmul_q8_for chooses.
+Kernels::MatmulQ6 matmul_q6_for(Isa isa);
 
 }  // namespace q3p

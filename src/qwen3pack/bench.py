@@ -29,7 +29,7 @@ runtime's default for a bf16 model; llama.cpp keeps its cache in f16):
   tokens/s at batch 1 against tp 2 with 2 threads in one process, and the latency of one
   all-reduce of a decode step's hidden vector over MPI and between threads (two per layer);
   otherwise "MPI: not installed".
-- q8 and q4 weights (tp 1, 1 and 2 threads; q4 as `--dtype q4` converts, its embedding in q8):
+- q8 and q4 weights (tp 1, 1 and 2 threads; q4 as `--dtype q4` converts, its embedding in q6):
   the same figures, each measured right after bf16 at the same threads in every round, as ratios
   over bf16, each beside llama.cpp's file of its layout and the same weights (with LLAMA_BENCH:
   q8_0, and Q4_K made by the llama-quantize beside llama-bench; llama_cpp_quantized); and their
@@ -285,7 +285,7 @@ def llama_cpp_gguf(source, work, outtype="bf16"):
 
 def llama_cpp_quantized(dtype, source, gguf, work):
     """llama.cpp's file of our `dtype`'s layout, or None without llama.cpp: for q8 its converter's
-    q8_0; for q4 every matrix in Q4_K with the embedding (and an untied head) in q8_0, as our q4
+    q8_0; for q4 every matrix in Q4_K with the embedding (and an untied head) in Q6_K, as our q4
     converts, made from the bf16 GGUF by the llama-quantize beside LLAMA_BENCH."""
     if gguf is None:
         return None
@@ -295,7 +295,7 @@ def llama_cpp_quantized(dtype, source, gguf, work):
     if not quantize.is_file():
         return None
     out = work / "model-q4_k.gguf"
-    subprocess.run([str(quantize), "--pure", "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0",
+    subprocess.run([str(quantize), "--pure", "--token-embedding-type", "q6_K", "--output-tensor-type", "q6_K",
                     str(gguf), str(out), "Q4_K_S"], check=True, capture_output=True)  # --pure: Q4_K everywhere else
     return out
 

@@ -1,11 +1,12 @@
-"""`make bench-accuracy`: what q8 and q4 weights cost on a trained network, not a random one.
+"""`make bench-accuracy`: what q8, q6 and q4 weights cost on a trained network, not a random one.
 
 No trained Qwen3 checkpoint can be had on this project's machines, and a random network is far
 more sensitive to weight error than a trained one (README, "Accuracy"). So this trains one: a
 small Qwen3 (4 layers, hidden 256, a byte-level BPE of 4096 tokens) on the sources of this
 Python's standard library, with transformers and torch on the CPU (the test dependencies), for
---steps steps of 16 windows of 256 tokens. It converts the checkpoint to f32, bf16, q8, q4, and
-q4 with a 4-bit embedding, and reports each against the f32 conversion on held-out files: the
+--steps steps of 16 windows of 256 tokens. It converts the checkpoint to f32, bf16, q8, q6, q4 (its
+embedding in q6), q4 with a q8 and with a 4-bit embedding, and reports each against the f32
+conversion on held-out files: the
 mean KL divergence of the next-token distributions, top-1 agreement and the largest logit error,
 over the second half of windows of 256 tokens (as llama.cpp's `llama-perplexity
 --kl-divergence` counts them), and the f32 model's perplexity there, to say how trained it is.
@@ -31,8 +32,8 @@ WINDOW = 256
 BATCH = 16
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 30
-CONVERSIONS = {"bf16": dict(dtype="bf16"), "q8": dict(dtype="q8"), "q4": dict(dtype="q4"),
-               "q4, embed q4": dict(dtype="q4", keep="embed=q4")}
+CONVERSIONS = {"bf16": dict(dtype="bf16"), "q8": dict(dtype="q8"), "q6": dict(dtype="q6"), "q4": dict(dtype="q4"),
+               "q4, embed q8": dict(dtype="q4", keep="embed=q8"), "q4, embed q4": dict(dtype="q4", keep="embed=q4")}
 
 
 def plan(quick):

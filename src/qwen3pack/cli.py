@@ -34,10 +34,10 @@ def main():
 @click.argument("output", type=click.Path(), required=False)
 @click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tensor-parallel world size: one rank file per rank.")
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "f16", "f32", "q8", "q4"]), default="auto", show_default=True,
-              help="Weights' dtype; auto keeps the checkpoint's; q8: int8 blocks of 32 with an f16 scale; q4: "
-                   "4-bit blocks of 256 as llama.cpp's q4_K, with the embedding and lm_head in q8 unless --keep "
-                   "says otherwise. Norms are always f32.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "f16", "f32", "q8", "q4", "q6"]), default="auto", show_default=True,
+              help="Weights' dtype; auto keeps the checkpoint's; q8: int8 blocks of 32 with an f16 scale; q6: "
+                   "6-bit blocks of 256 as llama.cpp's q6_K; q4: 4-bit blocks of 256 as llama.cpp's q4_K, with "
+                   "the embedding and lm_head in q6 unless --keep says otherwise. Norms are always f32.")
 @click.option("--keep", default="", metavar="GROUP=DTYPE,...",
               help="Another dtype for groups of weights (embed, lm_head, qkv, o_proj, gate_up, down), "
                    "e.g. --dtype q8 --keep embed=bf16, --dtype q4 --keep lm_head=q4,embed=q4.")
