@@ -7,7 +7,8 @@
 // The blocking is that of kernels_avx512.cpp: tiles of kRows rows by kTokens tokens over panels of
 // kPanel tokens, and tiles of one row (address order) up to kMemoryBoundTokens tokens. Each lane
 // l of an accumulator sums the products of positions 32 i + 2 l and 32 i + 2 l + 1 in order of i,
-// and the 16 lanes are then added in a fixed tree: each y value's order is fixed by `in` alone.
+// the even i and the odd i in two accumulators (see tile), which are added and their 16 lanes then
+// in a fixed tree: each y value's order is fixed by `in` alone.
 #include <immintrin.h>
 
 #include "kernels_isa.h"
@@ -47,11 +48,12 @@ __attribute__((always_inline)) inline void step(__m512 (&acc)[R][T], const uint1
 // for the same 64 bytes of the R rows at `next` into L2 (see matmul_avx512bf16).
 //
 // Each y sums its even steps of 32 values and its odd ones apart, then adds the two sums: two
-// chains of vdpbf16ps. One chain per row bounded a single token's decode by its latency on Zen 5
-// (a bf16 Qwen3-0.6B decoded 28.9 tokens per CPU second at one thread, reading 34 GB/s; two chains
-// 33.3, medians of 4 alternating rounds). Tiles of decode (a row against up to 4 tokens) keep both
-// sets of sums in registers; prefill's, too big for two sets, take the even steps, then the odd
-// ones: the same sums, so a token's bits do not depend on its batch.
+// chains of vdpbf16ps. One chain per row bounded a single token's decode by its latency on Zen 5:
+// a bf16 Qwen3-0.6B decoded 28.6-28.7 tokens per CPU second at one thread (34 GB/s), and 31.3-32.3
+// with two (two sets of 3-4 alternating rounds); at two threads 38.3 and 39.2 tokens/s; a 512-token
+// prefill 348.5 and 342.6 (not measured on Zen 4). Tiles of decode (a row against up to 4
+// tokens) keep both sets of sums in registers; prefill's, too big for two sets, take the even
+// steps, then the odd ones: the same sums, so a token's bits do not depend on its batch.
 template <int R, int T>
 inline void tile(const uint16_t* w, size_t in, const uint16_t* x, float* y, size_t ldy, const uint16_t* next = nullptr) {
   __m512 even[R][T], odd[R][T];
