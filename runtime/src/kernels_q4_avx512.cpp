@@ -43,9 +43,7 @@ inline void block_sums(const uint8_t* qs, __m256i sc16, const int8_t* const* xq,
   }
 }
 
-// Prefill and batches of more than kMemoryBoundTokens tokens: a row meets kPrefillTokens tokens at
-// once, in panels of tokens whose activations fit in kPanelBytes (the first-level cache, 32 KB here,
-// keeps them while the rows' weights stream past: 16 tokens of 1024 inputs, 8 of 3072).
+// Prefill and batches: kernels_vnni_panels.inc.
 //
 // Measured (one thread, CPU time, medians, a 2-core AMD Zen 4 shared with other work; old and new
 // alternating in one process, random weights): a 3072 x 1024 product of 512 tokens 131 GOP/s with
@@ -63,29 +61,7 @@ inline void block_sums(const uint8_t* qs, __m256i sc16, const int8_t* const* xq,
 // broadcasts, the tokens' scales gathered per block (0.88-0.99x the kept tiles), and 512-bit
 // registers holding two chunks with the activations copied in the order that takes (0.91-0.99x
 // the old tiles).
-constexpr size_t kPrefillTokens = 8, kPanelBytes = 24 * 1024, kMemoryBoundTokens = 4;
-
-void prefill_rows(const MatmulQ4Args& a, size_t o0, size_t o1) {
-  const size_t token_bytes = (a.in + kQ4Block - 1) / kQ4Block * sizeof(BlockQ8K);
-  const size_t panel = std::max(kPrefillTokens, kPanelBytes / token_bytes / kPrefillTokens * kPrefillTokens);
-  for (size_t t0 = 0; t0 < a.n; t0 += panel) {
-    const size_t t1 = std::min(t0 + panel, a.n);
-    for (size_t o = o0; o < o1; ++o) {
-      size_t t = t0;
-      for (; t + kPrefillTokens <= t1; t += kPrefillTokens) tile<kPrefillTokens>(a, o, t);
-      switch (t1 - t) {
-        case 7: tile<7>(a, o, t); break;
-        case 6: tile<6>(a, o, t); break;
-        case 5: tile<5>(a, o, t); break;
-        case 4: tile<4>(a, o, t); break;
-        case 3: tile<3>(a, o, t); break;
-        case 2: tile<2>(a, o, t); break;
-        case 1: tile<1>(a, o, t); break;
-        default: break;
-      }
-    }
-  }
-}
+#include "kernels_vnni_panels.inc"
 
 }  // namespace
 

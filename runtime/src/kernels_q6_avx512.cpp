@@ -63,32 +63,11 @@ inline void block_sums(const BlockQ6& w, __m256i sc16, const int8_t* const* xq, 
   UNROLLED for (int i = 0; i < T; ++i) lo[i] = _mm512_castsi512_si256(sums[i]), hi[i] = _mm512_extracti64x4_epi64(sums[i], 1);
 }
 
-// Prefill and batches of more than kMemoryBoundTokens tokens: a row meets kPrefillTokens tokens at
-// once, in panels of tokens whose activations fit in kPanelBytes (the first-level cache keeps them
-// while the rows' weights stream past), as the q4 product does (kernels_q4_avx512.cpp). A 512-token
-// prefill of an all-q6 Qwen3-0.6B took 212.6 tokens per CPU second against 171.3 with decode's
-// tiles of 4 tokens in panels of 128 (one thread, medians of 4 alternating rounds, Zen 5); decode
-// is unchanged (it keeps those tiles).
-constexpr size_t kPrefillTokens = 8, kPanelBytes = 24 * 1024, kMemoryBoundTokens = 4;
-
-void prefill_rows(const MatmulQ6Args& a, size_t o0, size_t o1) {
-  const size_t token_bytes = (a.in + kQ4Block - 1) / kQ4Block * sizeof(BlockQ8K16);
-  const size_t panel = std::max(kPrefillTokens, kPanelBytes / token_bytes / kPrefillTokens * kPrefillTokens);
-  for (size_t t0 = 0; t0 < a.n; t0 += panel) {
-    const size_t t1 = std::min(t0 + panel, a.n);
-    for (size_t o = o0; o < o1; ++o) {
-      size_t t = t0;
-      for (; t + kPrefillTokens <= t1; t += kPrefillTokens) tile<kPrefillTokens>(a, o, t);
-      for (; t + kTokens <= t1; t += kTokens) tile<kTokens>(a, o, t);
-      switch (t1 - t) {
-        case 3: tile<3>(a, o, t); break;
-        case 2: tile<2>(a, o, t); break;
-        case 1: tile<1>(a, o, t); break;
-        default: break;
-      }
-    }
-  }
-}
+// Prefill and batches in q4's panels (kernels_vnni_panels.inc). A 512-token prefill of an all-q6
+// Qwen3-0.6B took 212.6 tokens per CPU second against 171.3 with decode's tiles of 4 tokens in
+// panels of 128 (one thread, medians of 4 alternating rounds, Zen 5); decode is unchanged (it
+// keeps those tiles).
+#include "kernels_vnni_panels.inc"
 
 }  // namespace
 
